@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
@@ -88,7 +88,7 @@ class Job(BaseModel):
     output_prefix: str | None = None  # None: {storage_url}/jobs/{id}/
     model: str | None = None
 
-    INTERNAL: frozenset[str] = frozenset({"tenant", "requested_outputs", "output_prefix"})
+    INTERNAL: ClassVar[frozenset[str]] = frozenset({"tenant", "requested_outputs", "output_prefix"})
 
     def public(self) -> dict[str, Any]:
         """The job as the API shows it."""

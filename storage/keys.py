@@ -30,6 +30,11 @@ def rate_limit_key(tenant: str, window: int) -> str:
     return f"{PREFIX}:rate:{tenant}:{window}"
 
 
+def status_jobs_key(status: str) -> str:
+    """Sorted set of all job ids in one status, scored by creation time (for cheap /metrics counts)."""
+    return f"{PREFIX}:status:{status}:jobs"
+
+
 # --- storage keys (relative to a storage URL or an output prefix) -------------------------
 def job_output_prefix(storage_url: str, job_id: str) -> str:
     """Default output prefix of a job: `{storage_url}/jobs/{id}/`."""
@@ -41,6 +46,11 @@ def output_url(prefix: str, name: str) -> str:
     return prefix.rstrip("/") + "/" + name
 
 
+def uploads_prefix(storage_url: str) -> str:
+    """The prefix under which every upload lives: `{storage_url}/uploads/`."""
+    return f"{storage_url.rstrip('/')}/uploads/"
+
+
 def upload_url(storage_url: str, job_id: str, filename: str) -> str:
     """Where an uploaded (or data-URL) input is stored before the worker reads it."""
-    return f"{storage_url.rstrip('/')}/uploads/{job_id}/{filename}"
+    return f"{uploads_prefix(storage_url)}{job_id}/{filename}"
