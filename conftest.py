@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.services",
     "tests.fixtures.stack",
+    "tests.fixtures.api",
 ]

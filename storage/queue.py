@@ -7,7 +7,7 @@ Task and queue names live here so the API can enqueue by name without importing
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 PARSE_QUEUE = "faceparse.parse"
 WEBHOOK_QUEUE = "faceparse.webhooks"
@@ -28,8 +28,15 @@ def make_celery(
     app = Celery("faceparse", broker=redis_url, set_as_current=False)
     app.conf.update(
         task_default_queue=PARSE_QUEUE,
-        task_queues=(Queue(PARSE_QUEUE), Queue(WEBHOOK_QUEUE)),
-        task_routes={PARSE_TASK: {"queue": PARSE_QUEUE}, WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
+        # One direct exchange per queue, so nothing published for one queue can reach the other.
+        task_queues=(
+            Queue(PARSE_QUEUE, Exchange(PARSE_QUEUE, type="direct"), routing_key=PARSE_QUEUE),
+            Queue(WEBHOOK_QUEUE, Exchange(WEBHOOK_QUEUE, type="direct"), routing_key=WEBHOOK_QUEUE),
+        ),
+        task_routes={
+            PARSE_TASK: {"queue": PARSE_QUEUE, "routing_key": PARSE_QUEUE},
+            WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE, "routing_key": WEBHOOK_QUEUE},
+        },
         # Ack after the task ran, and requeue if the worker process dies mid-task.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
