@@ -10,15 +10,10 @@ from structlog.testing import capture_logs
 from api import create_app
 from faceparse.settings import Settings
 from storage.jobs import ANONYMOUS_TENANT
-from tests.fixtures.api import (  # noqa: F401 - fixtures
+from tests.fixtures.api import (
     FakeCelery,
-    app_fixture,
     assert_error,
-    celery_fixture,
-    client_fixture,
     png_bytes,
-    settings_fixture,
-    tenants_fixture,
 )
 
 V1_ENDPOINTS = [

@@ -7,15 +7,10 @@ import pytest
 from kombu.exceptions import OperationalError
 
 from storage.jobs import JobStatus
-from tests.fixtures.api import (  # noqa: F401 - fixtures
-    app_fixture,
+from tests.fixtures.api import (
     assert_error,
-    celery_fixture,
-    client_fixture,
     data_url,
     png_bytes,
-    settings_fixture,
-    tenants_fixture,
 )
 
 

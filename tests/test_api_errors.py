@@ -9,15 +9,10 @@ from flask import Flask
 
 from api.errors import register_error_handlers
 from storage.errors import Conflict, RateLimited
-from tests.fixtures.api import (  # noqa: F401 - fixtures
-    app_fixture,
+from tests.fixtures.api import (
     assert_error,
-    celery_fixture,
-    client_fixture,
     data_url,
     png_bytes,
-    settings_fixture,
-    tenants_fixture,
 )
 
 S3_IN = "s3://inputs-bucket/a.jpg"

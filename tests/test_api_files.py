@@ -9,15 +9,10 @@ import pytest
 from api import create_app
 from faceparse.settings import Settings
 from storage.jobs import JobStatus
-from tests.fixtures.api import (  # noqa: F401 - fixtures
+from tests.fixtures.api import (
     FakeCelery,
-    app_fixture,
     assert_error,
-    celery_fixture,
-    client_fixture,
     png_bytes,
-    settings_fixture,
-    tenants_fixture,
 )
 
 

@@ -15,16 +15,11 @@ from kombu.exceptions import OperationalError
 from api import create_app
 from storage.jobs import JobStatus
 from storage.queue import make_celery
-from tests.fixtures.api import (  # noqa: F401 - fixtures
+from tests.fixtures.api import (
     FakeCelery,
-    app_fixture,
     assert_error,
-    celery_fixture,
-    client_fixture,
     data_url,
     png_bytes,
-    settings_fixture,
-    tenants_fixture,
 )
 
 PUBLIC_HOOK = "https://93.184.215.14/hook"  # a public address literal: no DNS needed

@@ -11,14 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from storage.queue import PARSE_QUEUE, PARSE_TASK, WEBHOOK_QUEUE, make_celery
-from tests.fixtures.api import (  # noqa: F401 - fixtures
+from tests.fixtures.api import (
     FakeCelery,
-    app_fixture,
     assert_error,
-    celery_fixture,
-    client_fixture,
-    settings_fixture,
-    tenants_fixture,
 )
 
 
