@@ -1,12 +1,16 @@
 """Prometheus metrics of the API: request counts and latency by endpoint, jobs by status, queue depth.
 
 Jobs and queue depth are read from Redis at scrape time, so every API process reports the same
-numbers. Request counters live in the process (each app has its own registry; with several gunicorn
-workers, scrape each or use prometheus_client's multiprocess mode).
+numbers. Request counters live in the process: each app has its own registry, unless
+`PROMETHEUS_MULTIPROC_DIR` names a directory (set before gunicorn starts, emptied at each start):
+then every gunicorn worker writes its counters there and any one of them answers with the sum.
+Worker-side figures (stage times, batch sizes, webhooks, model loads) are served by the workers
+themselves: see `worker.metrics` and docs/OPERATIONS.md.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 # step (`name\x06\x16<p>`) when messages carry a priority.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -70,19 +76,25 @@ class ApiMetrics:
 
     def __init__(self, job_store: JobStore) -> None:
         self.registry = CollectorRegistry()
+        multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+        # In multiprocess mode the values live in files: the registry reads them all through the
+        # MultiProcessCollector, so registering this process's metrics too would count them twice.
+        own = None if multiprocess else self.registry
         self.requests = Counter(
             "faceparse_http_requests",
             "HTTP requests answered",
             ["method", "endpoint", "status"],
-            registry=self.registry,
+            registry=own,
         )
         self.latency = Histogram(
             "faceparse_http_request_duration_seconds",
             "time to answer an HTTP request",
             ["method", "endpoint"],
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=own,
         )
+        if multiprocess:
+            MultiProcessCollector(self.registry)
         self.registry.register(StoreCollector(job_store))
 
     def init_app(self, app: Flask) -> None:
