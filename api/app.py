@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import structlog
 from flask import Flask
 
-from api import errors, openapi, ops, v1
+from api import errors, openapi, ops, page, v1
 from api.auth import ApiKeys
 from api.metrics import ApiMetrics
+from api.ratelimit import RateLimiter
 from api.services import EXTENSION, Services
 from storage.jobstore import JobStore
 from storage.objects import ObjectStore
@@ -54,6 +55,11 @@ def create_app(
         object_store=object_store or ObjectStore(settings.storage_url),
         api_keys=api_keys,
         metrics=ApiMetrics(job_store),
+        rate_limiter=(
+            RateLimiter(job_store.redis, settings.rate_limit_per_minute)
+            if settings.rate_limit_per_minute > 0
+            else None
+        ),
     )
     app.extensions[EXTENSION] = svc
 
@@ -61,6 +67,7 @@ def create_app(
     errors.register_error_handlers(app)
     app.register_blueprint(v1.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(page.bp)
     openapi.init_app(app)
     log.info("api ready", storage=svc.object_store.storage_url, auth=api_keys.enabled)
     return app

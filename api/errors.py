@@ -43,6 +43,9 @@ HTTP_CODES = {
 }
 
 
+REDIS_UNAVAILABLE = "redis_unavailable"  # storage.jobstore's code for a lost Redis connection
+
+
 class RequestInvalid(InvalidInput):
     """A request body or query that does not match its schema (422)."""
 
@@ -66,6 +69,10 @@ def error_response(code: str, message: str, status: int, **extra: Any) -> Respon
 
 
 def _handle_domain_error(err: FaceparseError) -> Response:
+    if err.code == REDIS_UNAVAILABLE:
+        # The job store's own wrapper of a lost connection: one answer for every Redis outage, and
+        # never the internal address its message carries.
+        return _handle_redis_down(err)
     if err.http_status >= 500:
         log.warning("request failed", code=err.code, error=err.message)
     response = error_response(err.code, err.message, err.http_status)

@@ -132,7 +132,25 @@ def prepare_input(svc: Services, url: str) -> tuple[str, Upload | None]:
         return url, Upload.checked(data, "", max_pixels=svc.settings.max_pixels)
     validate_input_url(url, allow_private=svc.settings.webhook_allow_private)
     bucket_check(svc, url)
+    host_check(svc, url)
     return url, None
+
+
+def host_check(svc: Services, url: str) -> None:
+    """Refuse an http(s) input whose host is, or resolves to, a loopback, private, link-local or
+    metadata address (422 `input_forbidden`) at submission rather than as a failed job later.
+
+    The worker checks again on every hop it fetches (DNS may answer differently by then); a name
+    that does not resolve now is left to the worker, whose fetch fails (or retries) with its code.
+    """
+    if url.partition("://")[0].lower() not in ("http", "https"):
+        return
+    try:
+        check_url(url, allow_private=svc.settings.webhook_allow_private)
+    except InputForbidden:
+        raise
+    except (InvalidInput, Unavailable) as exc:
+        log.info("input host not checked at submission", code=exc.code)
 
 
 def bucket_check(svc: Services, url: str) -> None:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from api.auth import ApiKeys
     from api.metrics import ApiMetrics
+    from api.ratelimit import RateLimiter
     from faceparse.settings import Settings
     from storage.jobstore import JobStore
     from storage.objects import ObjectStore
@@ -29,6 +30,7 @@ class Services:
     object_store: ObjectStore
     api_keys: ApiKeys
     metrics: ApiMetrics
+    rate_limiter: RateLimiter | None = None  # None: no limit (FACEPARSE_RATE_LIMIT_PER_MINUTE=0)
 
 
 def services() -> Services:

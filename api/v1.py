@@ -38,7 +38,9 @@ bp = Blueprint("v1", __name__, url_prefix="/v1")
 
 BEARER = {"bearer": []}
 ERRORS = {f"HTTP_{code}": ErrorBody for code in (401, 404, 503)}
-SUBMIT_ERRORS = {**ERRORS, **{f"HTTP_{code}": ErrorBody for code in (400, 413, 415)}}
+# POSTs count against the tenant's rate limit (api.ratelimit): 429 with Retry-After.
+POST_ERRORS = {**ERRORS, "HTTP_429": ErrorBody}
+SUBMIT_ERRORS = {**POST_ERRORS, **{f"HTTP_{code}": ErrorBody for code in (400, 413, 415)}}
 IDEMPOTENCY_KEY_MAX = 255
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -47,8 +49,12 @@ FORM = "application/x-www-form-urlencoded"  # an `input` URL without a file (cur
 
 @bp.before_request
 def authenticate_request() -> None:
-    """Every /v1 request carries a valid API key (unless auth is off)."""
-    authenticate(services().api_keys)
+    """Every /v1 request carries a valid API key (unless auth is off); POSTs count against the
+    tenant's rate limit (429 past it)."""
+    svc = services()
+    authenticate(svc.api_keys)
+    if request.method == "POST" and svc.rate_limiter is not None:
+        svc.rate_limiter.hit(current_tenant())
 
 
 def accepts(*mimetypes_: str) -> Callable:
@@ -132,7 +138,7 @@ def get_job(job_id: str) -> ResponseReturnValue:
 
 
 @bp.post("/jobs/<job_id>/cancel")
-@spec.validate(tags=["jobs"], security=BEARER, resp=Response(HTTP_200=JobOut, **ERRORS))
+@spec.validate(tags=["jobs"], security=BEARER, resp=Response(HTTP_200=JobOut, **POST_ERRORS))
 def cancel_job(job_id: str) -> ResponseReturnValue:
     """Cancel a job: it becomes `canceled` unless it had already finished."""
     svc, tenant = services(), current_tenant()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -36,8 +37,8 @@ def utcnow() -> str:
 
 
 def new_id(prefix: str = "") -> str:
-    """An unguessable id (128 random bits, URL-safe)."""
-    return prefix + secrets.token_urlsafe(16).replace("-", "x").replace("_", "y")
+    """An unguessable id: 128 random bits, lowercase base32 (26 characters, URL-safe, lossless)."""
+    return prefix + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
 
 
 class OutputRef(BaseModel):
