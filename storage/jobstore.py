@@ -7,6 +7,8 @@ Layout (every key from `storage.keys`):
 - `status_jobs_key(status)`: one sorted set per status, for cheap counts (/metrics).
 - `idempotency_key(tenant, sha256(key))`: the job id created for an `Idempotency-Key`.
 - `batch_key(id)`: a batch as JSON (tenant, creation time, job ids).
+- `lease_key(id)`: the owner of the run in progress, expiring unless its worker renews it;
+  `lost_key(id)`: how many times that owner was found gone (see `worker.lease`).
 
 State changes are optimistic transactions (WATCH/MULTI) that re-read the record and refuse
 to move a job out of a terminal state, so a redelivered message or a late retry cannot
@@ -22,8 +24,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import redis
@@ -44,6 +48,69 @@ _SCAN_CHUNK = 200
 _MAX_SCAN = 5000  # ids examined per list() call when filtering by status; the cursor continues
 _WATCH_RETRIES = 50
 _IMMUTABLE_FIELDS = frozenset({"id", "status", "created_at", "tenant"})
+
+WORKER_LOST = "worker_lost"  # the error code of a job whose workers kept dying
+RETRY_LEASE_PREFIX = "retry:"  # a lease kept for a job waiting for its retry: `retry:<task id>`
+TAKEN_LEASE_PREFIX = "taken:"  # a lease on a message received but not started: `taken:<host>/<task id>`
+
+# Take a lease that is free, ours already, or one of the values we may take over (our own
+# message's `taken:` lease, the `retry:` lease our retry waited under).
+# KEYS: lease, taken index; ARGV: owner, ttl ms, now ms, job id, takeover values...
+# Returns 1 when held, 0 when another holds it.
+_ACQUIRE_LUA = """
+local v = redis.call('GET', KEYS[1])
+local ok = (not v) or v == ARGV[1]
+for i = 5, #ARGV do
+  if v == ARGV[i] then ok = true end
+end
+if ok then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+# Extend (ARGV[2] ms) or replace (ARGV[3], when given) a lease only while ARGV[1] holds it.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_FORGET_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 0
+"""
+
+
+@dataclass
+class ClaimScope:
+    """What the task running a job tells `claim` without changing its callers (see `worker.lease`).
+
+    Set for the duration of one parse task in the thread that runs it; explicit `claim` keywords
+    win. `failed` is filled in when the claim itself failed the job, so the task can announce it.
+    """
+
+    owner: str | None = None  # the lease this run holds; claim refuses while another owner holds it
+    lease_ms: int | None = None  # with owner: claim (re)takes the lease for this long
+    takeover: tuple[str, ...] = ()  # lease values this run may take over (its `taken:`/`retry:` leases)
+    max_attempts: int | None = None  # claims beyond this fail the job with `worker_lost`
+    failed: Job | None = None
+    refused_by: str | None = None  # the other owner when claim refused
+
+
+claim_scope: ContextVar[ClaimScope | None] = ContextVar("faceparse_claim_scope", default=None)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -72,6 +139,15 @@ def _created_ms(job: Job) -> int:
         return int(datetime.fromisoformat(job.created_at).timestamp() * 1000)
     except ValueError:
         return int(time.time() * 1000)
+
+
+def _age_s(ts: str) -> float:
+    """Seconds since an ISO timestamp written by `utcnow` (0 when unparsable)."""
+    try:
+        then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (datetime.now(UTC) - then).total_seconds()
 
 
 def encode_cursor(score: float, job_id: str) -> str:
@@ -269,21 +345,34 @@ class JobStore:
 
     def _mutate(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
         """Atomic read-modify-write: `change` returns the new job, or None to leave it untouched."""
+        return self._mutate_with(job_id, (), lambda job, _values: change(job))
+
+    def _mutate_with(
+        self,
+        job_id: str,
+        watch: Sequence[str],
+        change: Callable[[Job, list[str | None]], Job | None],
+        also: Callable[[Any, Job, Job], None] | None = None,
+    ) -> Job | None:
+        """`_mutate` that also watches `watch` (their values go to `change`) and queues `also`'s writes."""
         jkey = keys.job_key(job_id)
         for _ in range(_WATCH_RETRIES):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
-                    pipe.watch(jkey)
+                    pipe.watch(jkey, *watch)
                     raw = pipe.get(jkey)
                     if raw is None:
                         pipe.unwatch()
                         return None
                     old = Job.model_validate_json(raw)
-                    new = change(old)
+                    values = [None if v is None else _text(v) for v in (pipe.get(k) for k in watch)]
+                    new = change(old, values)
                     if new is None:
                         pipe.unwatch()
                         return None
                     pipe.multi()
+                    if also is not None:
+                        also(pipe, old, new)
                     # KEEPTTL: a job expires ttl_seconds after creation, matching its index scores.
                     pipe.set(jkey, new.model_dump_json(), keepttl=True)
                     if new.status != old.status:
@@ -297,12 +386,38 @@ class JobStore:
         raise Unavailable(f"job {job_id} under heavy contention", code="redis_unavailable")
 
     @_redis_errors
-    def claim(self, job_id: str) -> Job | None:
-        """queued|processing -> processing, attempts += 1; None when the job is terminal or missing."""
+    def claim(self, job_id: str, *, max_attempts: int | None = None,
+              lease_owner: str | None = None) -> Job | None:
+        """queued|processing -> processing, attempts += 1; None when the job is terminal or missing.
 
-        def change(job: Job) -> Job | None:
+        With `max_attempts`, a job already claimed that many times fails with `worker_lost`
+        instead (None is returned). With `lease_owner`, the claim refuses (None) while another
+        owner holds the job's lease, and takes the lease otherwise, atomically. Both default to
+        the `claim_scope` the running task set, if any.
+        """
+        scope = claim_scope.get()
+        if scope is not None:
+            max_attempts = scope.max_attempts if max_attempts is None else max_attempts
+            lease_owner = scope.owner if lease_owner is None else lease_owner
+        lease_ms = (scope.lease_ms if scope is not None else None) or 60_000
+        takeover = scope.takeover if scope is not None else ()
+        lkey = keys.lease_key(job_id)
+        refused: dict[str, str] = {}
+
+        def change(job: Job, values: list[str | None]) -> Job | None:
             if job.status.is_terminal():
                 return None
+            if lease_owner is not None and values[0] not in (None, lease_owner, *takeover):
+                refused["by"] = str(values[0])
+                return None
+            if max_attempts is not None and job.attempts >= max_attempts:
+                return _apply_fields(job, {
+                    "status": JobStatus.FAILED,
+                    "completed_at": utcnow(),
+                    "error": {"code": WORKER_LOST,
+                              "message": f"the job was started {job.attempts} times without finishing "
+                                         f"(at most {max_attempts}); its workers kept dying"},
+                }, allow_status=True)
             return _apply_fields(
                 job,
                 {
@@ -314,7 +429,24 @@ class JobStore:
                 allow_status=True,
             )
 
-        return self._mutate(job_id, change)
+        def take_lease(pipe: Any, _old: Job, new: Job) -> None:
+            if lease_owner is not None and new.status == JobStatus.PROCESSING:
+                pipe.set(lkey, lease_owner, px=lease_ms)
+                pipe.zadd(keys.leased_jobs_key(), {job_id: int(time.time() * 1000)})
+
+        watch = (lkey,) if lease_owner is not None else ()
+        new = self._mutate_with(job_id, watch, change, take_lease)
+        if refused:
+            log.warning("job %s: not claimed, its lease is held by %s", job_id, refused["by"])
+            if scope is not None:
+                scope.refused_by = refused["by"]
+            return None
+        if new is not None and new.status == JobStatus.FAILED:
+            log.warning("job %s failed: %s", job_id, new.error.message if new.error else WORKER_LOST)
+            if scope is not None:
+                scope.failed = new
+            return None
+        return new
 
     @_redis_errors
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> Job | None:
@@ -353,6 +485,129 @@ class JobStore:
             return _apply_fields(job, {"webhook": webhook})
 
         return self._mutate(job_id, change)
+
+    # --- leases of running jobs (driven by worker.lease) -------------------------------------
+    @_redis_errors
+    def acquire_lease(self, job_id: str, owner: str, ttl_ms: int, *,
+                      takeover: Sequence[str] = ()) -> str | None:
+        """Hold the job's lease as `owner` for `ttl_ms`; returns None, or the other owner holding it.
+
+        A free lease, one `owner` holds already, or one holding a `takeover` value is taken.
+        """
+        lkey = keys.lease_key(job_id)
+        held = self.redis.eval(_ACQUIRE_LUA, 2, lkey, keys.leased_jobs_key(), owner, int(ttl_ms),
+                               int(time.time() * 1000), job_id, *takeover)
+        if int(held):
+            return None
+        other = self.redis.get(lkey)
+        return _text(other) if other is not None else ""
+
+    @_redis_errors
+    def renew_leases(self, held: dict[str, str], ttl_ms: int) -> list[str]:
+        """Extend each job's lease still held by its owner (job id -> owner); returns the ids lost."""
+        if not held:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        items = list(held.items())
+        for job_id, owner in items:
+            pipe.eval(_RENEW_LUA, 1, keys.lease_key(job_id), owner, int(ttl_ms), "")
+        return [job_id for (job_id, _), ok in zip(items, pipe.execute(), strict=True) if not int(ok)]
+
+    @_redis_errors
+    def release_lease(self, job_id: str, owner: str, *, keep_as: str | None = None,
+                      keep_ms: int | None = None) -> bool:
+        """Drop the lease `owner` holds, or replace it by `keep_as` for `keep_ms`; False when not held."""
+        lkey = keys.lease_key(job_id)
+        if keep_as is not None:
+            return bool(int(self.redis.eval(_RENEW_LUA, 1, lkey, owner, int(keep_ms or 1), keep_as)))
+        return bool(int(self.redis.eval(_RELEASE_LUA, 2, lkey, keys.leased_jobs_key(), owner, job_id)))
+
+    @_redis_errors
+    def lease_owner(self, job_id: str) -> str | None:
+        """Who holds the job's lease now (None: nobody)."""
+        value = self.redis.get(keys.lease_key(job_id))
+        return None if value is None else _text(value)
+
+    @_redis_errors
+    def unleased_processing(self, chunk: int = 500) -> list[str]:
+        """Ids of jobs in `processing` whose lease is missing (their worker stopped renewing it)."""
+        zkey = keys.status_jobs_key(JobStatus.PROCESSING.value)
+        found: list[str] = []
+        start = 0
+        while True:
+            ids = [_text(m) for m in self.redis.zrange(zkey, start, start + chunk - 1)]
+            if not ids:
+                return found
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.exists(keys.lease_key(job_id))
+            found.extend(job_id for job_id, n in zip(ids, pipe.execute(), strict=True) if not n)
+            start += chunk
+
+    @_redis_errors
+    def recover_lost(self, job_id: str, *, max_lost: int, grace_s: float,
+                     dry_run: bool = False) -> Job | None:
+        """A `processing` job without a lease: back to `queued`, or `failed` (`worker_lost`) when its
+        worker was lost `max_lost` times. None when it is not lost (leased again, moved on, or
+        started less than `grace_s` ago). `dry_run` returns what would happen and writes nothing.
+        A job returned `queued` needs a new message, then `forget_taken`.
+        """
+        lkey, nkey = keys.lease_key(job_id), keys.lost_key(job_id)
+
+        def change(job: Job, values: list[str | None]) -> Job | None:
+            lease, lost = values
+            if job.status != JobStatus.PROCESSING or lease is not None:
+                return None
+            if job.started_at is not None and _age_s(job.started_at) < grace_s:
+                return None  # claimed by a worker that has not taken its lease yet
+            times = int(lost or 0) + 1
+            if times >= max_lost:
+                return _apply_fields(job, {
+                    "status": JobStatus.FAILED,
+                    "completed_at": utcnow(),
+                    "error": {"code": WORKER_LOST,
+                              "message": f"the worker running this job was lost {times} times; giving up"},
+                }, allow_status=True)
+            return _apply_fields(job, {"status": JobStatus.QUEUED}, allow_status=True)
+
+        def count(pipe: Any, _old: Job, new: Job) -> None:
+            pipe.incr(nkey)
+            pipe.expire(nkey, self.ttl_seconds)
+            if new.status == JobStatus.QUEUED:
+                # Indexed as taken-but-unleased until its new message is out (`forget_taken`):
+                # should the send fail, the next pass sends it again.
+                pipe.zadd(keys.leased_jobs_key(), {job_id: int(time.time() * 1000)})
+            else:
+                pipe.zrem(keys.leased_jobs_key(), job_id)
+
+        if dry_run:
+            raw = self.redis.get(keys.job_key(job_id))
+            if raw is None:
+                return None
+            values = [None if v is None else _text(v) for v in self.redis.mget([lkey, nkey])]
+            return change(Job.model_validate_json(raw), values)
+        return self._mutate_with(job_id, (lkey, nkey), change, count)
+
+    @_redis_errors
+    def unleased_taken(self, limit: int = 1000) -> list[str]:
+        """Ids whose message a worker took (lease taken) and whose lease is gone without a release."""
+        ids = [_text(m) for m in self.redis.zrange(keys.leased_jobs_key(), 0, limit - 1)]
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(keys.lease_key(job_id))
+        return [job_id for job_id, n in zip(ids, pipe.execute(), strict=True) if not n]
+
+    @_redis_errors
+    def forget_taken(self, job_id: str) -> None:
+        """Drop a job from the taken set once dealt with, unless a worker has leased it again."""
+        self.redis.eval(_FORGET_LUA, 2, keys.lease_key(job_id), keys.leased_jobs_key(), job_id)
+
+    @_redis_errors
+    def lost_count(self, job_id: str) -> int:
+        """How many times the job's worker was found lost."""
+        return int(self.redis.get(keys.lost_key(job_id)) or 0)
 
     # --- batches ----------------------------------------------------------------------------
     @_redis_errors

@@ -35,6 +35,26 @@ def status_jobs_key(status: str) -> str:
     return f"{PREFIX}:status:{status}:jobs"
 
 
+def lease_key(job_id: str) -> str:
+    """The lease of the worker running a job: value = its owner, expiring unless renewed (worker.lease)."""
+    return f"{PREFIX}:lease:{job_id}"
+
+
+def lost_key(job_id: str) -> str:
+    """How many times a job's worker was found dead (an integer, expiring with the job)."""
+    return f"{PREFIX}:lost:{job_id}"
+
+
+def leased_jobs_key() -> str:
+    """Sorted set of the job ids whose message a worker took (lease taken), scored by when (ms)."""
+    return f"{PREFIX}:leased"
+
+
+def reaper_lock_key() -> str:
+    """Held (SET NX PX) by the one process scanning for lost jobs this interval."""
+    return f"{PREFIX}:reaper:lock"
+
+
 # --- storage keys (relative to a storage URL or an output prefix) -------------------------
 def job_output_prefix(storage_url: str, job_id: str) -> str:
     """Default output prefix of a job: `{storage_url}/jobs/{id}/`."""

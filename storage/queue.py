@@ -6,8 +6,13 @@ Task and queue names live here so the API can enqueue by name without importing
 
 from __future__ import annotations
 
+import base64
+import json
+import time
+
 from celery import Celery
 from kombu import Exchange, Queue
+from redis import Redis
 
 PARSE_QUEUE = "faceparse.parse"
 WEBHOOK_QUEUE = "faceparse.webhooks"
@@ -57,3 +62,50 @@ def make_celery(
         task_send_sent_event=True,
     )
     return app
+
+
+# kombu's Redis transport keeps every delivered, not yet acknowledged message in a hash
+# (`unacked`: delivery tag -> [message, exchange, routing key]) indexed by delivery time
+# (`unacked_index`), and puts them back only after the visibility timeout (an hour). The reaper
+# reads them to find messages that no live worker holds any more.
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+def unacked_parse_messages(redis: Redis, *, older_than_s: float, limit: int = 1000) -> list[tuple[str, str]]:
+    """(delivery tag, job id) of parse messages delivered over `older_than_s` ago and not acked yet."""
+    cutoff = time.time() - older_than_s
+    tags = redis.zrangebyscore(UNACKED_INDEX_KEY, 0, cutoff, start=0, num=limit)
+    if not tags:
+        return []
+    found: list[tuple[str, str]] = []
+    for tag, payload in zip(tags, redis.hmget(UNACKED_KEY, tags), strict=True):
+        job_id = _parse_job_id(payload)
+        if job_id is not None:
+            found.append((tag.decode() if isinstance(tag, bytes) else tag, job_id))
+    return found
+
+
+def drop_unacked(redis: Redis, tag: str) -> None:
+    """Forget an unacked message (it was sent again), so the transport never redelivers it too."""
+    pipe = redis.pipeline()
+    pipe.hdel(UNACKED_KEY, tag)
+    pipe.zrem(UNACKED_INDEX_KEY, tag)
+    pipe.execute()
+
+
+def _parse_job_id(payload: bytes | None) -> str | None:
+    """The job id of a Celery (protocol 2) parse message as kombu stores it; None for anything else."""
+    if payload is None:
+        return None
+    try:
+        message = json.loads(payload)[0]
+        if message.get("headers", {}).get("task") != PARSE_TASK:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
