@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     max_batch: int | None = None  # None: chosen from the device (see worker.model)
     batch_wait_ms: int = 10
+    worker_slots: int | None = None  # jobs in flight per worker process; None: 2 x max_batch + 1
 
     # API.
     api_keys: str = ""  # "tenant:key,tenant2:key2"; empty turns auth off (with a warning)
@@ -28,6 +29,7 @@ class Settings(BaseSettings):
     max_pixels: int = 50_000_000
     max_batch_inputs: int = 1000
     input_buckets: str = ""  # comma-separated; empty = any bucket
+    rate_limit_per_minute: int = 600  # POST requests per tenant per minute (fixed window); 0 disables
 
     # Jobs and queue.
     job_ttl_seconds: int = 7 * 24 * 3600
@@ -36,6 +38,12 @@ class Settings(BaseSettings):
     visibility_timeout: int = 3600  # must stay above task_time_limit
     max_retries: int = 3  # transient storage/network failures
     fetch_timeout_s: float = 30.0
+    # Lost workers (worker.lease): a running job's lease expires this long after its worker
+    # stops renewing it; a reaper checks every reaper_interval_seconds; a job whose worker was
+    # lost max_attempts times fails with `worker_lost`.
+    lease_seconds: float = 30.0
+    reaper_interval_seconds: float = 10.0
+    max_attempts: int = 3
     presign_expires_s: int = 3600
 
     # Webhooks.
@@ -45,6 +53,11 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0
     webhook_backoff_base_s: float = 1.0
     webhook_backoff_max_s: float = 300.0
+
+    # Operations (see docs/OPERATIONS.md).
+    log_level: str = "INFO"
+    log_format: str = "json"  # json (one object per line) or console
+    worker_metrics_port: int | None = None  # a worker serves Prometheus metrics here when set
 
     @field_validator("visibility_timeout")
     @classmethod

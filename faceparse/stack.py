@@ -1,9 +1,9 @@
 """Running the service: `faceparse api`, `faceparse worker` and the all-in-one `faceparse up`.
 
 `run_worker` builds its Celery app from the settings it is given (no app exists at import
-time) and loads the model once per worker process, in that process: before consuming with the
-solo pool (concurrency 1), in `worker_process_init` for prefork children. The parent of a
-prefork pool never touches torch, so nothing CUDA-related is ever forked.
+time) and loads the model once per worker process, in that process, before it consumes with
+Celery's `threads` pool. `--concurrency N` runs N such processes under a supervisor that never
+touches torch, so nothing CUDA-related is ever forked.
 """
 
 from __future__ import annotations
@@ -48,57 +48,118 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
 # --- faceparse worker ---------------------------------------------------------------------
 def run_worker(settings: Settings, *, concurrency: int = 1,
                queues: str = "faceparse.parse,faceparse.webhooks", hostname: str | None = None) -> int:
-    """Run a Celery worker until it is stopped; returns its exit status."""
-    from celery.signals import worker_process_init, worker_ready
+    """Run a worker until it is stopped; returns its exit status.
+
+    One process (concurrency 1) loads the model, then consumes with Celery's `threads` pool:
+    several jobs in flight, their forward passes batched together. `concurrency` N > 1 runs N such
+    processes side by side (each with its own model and batcher) under this one, which never
+    imports torch and only supervises them.
+    """
+    from faceparse.logs import configure_from_settings
+
+    configure_from_settings(settings, "worker")
+    if concurrency > 1:
+        return _run_worker_processes(settings, concurrency, queues, hostname)
+    return _run_worker_process(settings, queues, hostname)
+
+
+def _run_worker_process(settings: Settings, queues: str, hostname: str | None) -> int:
+    from celery.signals import worker_ready
 
     from storage.errors import ModelUnavailable
     from worker.celery_app import create_worker_app, worker_context
 
-    _configure_logging()
     app = create_worker_app(settings)
     ctx = worker_context(app)
-    solo = concurrency <= 1
+    # Load here, before the first message is taken; no fork follows (threads pool).
+    try:
+        ctx.load_model()
+    except ModelUnavailable as exc:
+        log.error("%s", exc.message)
+        return EXIT_MODEL_UNAVAILABLE
+    ctx.batcher()
+    slots = ctx.slots()
+    if settings.worker_metrics_port is not None:
+        from worker.metrics import start_metrics_server
 
-    if solo:
-        # No fork will follow: load here, before the first message is taken.
-        try:
-            ctx.load_model()
-        except ModelUnavailable as exc:
-            log.error("%s", exc.message)
-            return EXIT_MODEL_UNAVAILABLE
-    else:
-        @worker_process_init.connect(weak=False)
-        def _load_in_child(**_: object) -> None:
-            ctx.after_fork()
-            try:
-                ctx.load_model()
-            except ModelUnavailable as exc:
-                # A child without a model must not take jobs: stop the whole worker, loudly.
-                log.error("%s", exc.message)
-                os.kill(os.getppid(), signal.SIGTERM)
-                os._exit(EXIT_MODEL_UNAVAILABLE)
+        start_metrics_server(settings.worker_metrics_port)
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        log.warning("faceparse worker ready pid=%d queues=%s", os.getpid(), queues)
+        log.warning("faceparse worker ready pid=%d queues=%s slots=%d max_batch=%d", os.getpid(), queues,
+                    slots, ctx.max_batch())
 
     worker = app.Worker(
         hostname=hostname or f"faceparse-{uuid.uuid4().hex[:8]}@{socket.gethostname()}",
-        pool="solo" if solo else "prefork",
-        concurrency=max(1, concurrency),
+        # Threads share the one model: each slot is one job in flight (prefetch 1 per slot, acked
+        # late when its job is recorded); their forward passes meet in the process's Batcher.
+        pool="threads",
+        concurrency=slots,
         queues=[q.strip() for q in queues.split(",") if q.strip()],
         loglevel="INFO",
-        optimization="fair",  # with prefetch 1: a busy child never hoards a second job
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _run_worker_processes(settings: Settings, count: int, queues: str, hostname: str | None) -> int:
+    """Start `count` single-process workers and supervise them; none of them is forked from here."""
+    name, _, host = (hostname or f"faceparse-{uuid.uuid4().hex[:8]}@{socket.gethostname()}").partition("@")
+    procs: list[subprocess.Popen[bytes]] = []
+    for i in range(count):
+        child = settings
+        if settings.worker_metrics_port:
+            # One port per process (port + i); in Prometheus's multiprocess mode every process writes
+            # to the shared directory and the first one serves the sum.
+            port = settings.worker_metrics_port + i
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                port = settings.worker_metrics_port if i == 0 else None
+            child = settings.model_copy(update={"worker_metrics_port": port})
+        cmd = [sys.executable, "-m", "faceparse.cli", "worker", "--concurrency", "1", "--queues", queues,
+               "--hostname", f"{name}-{i + 1}@{host or socket.gethostname()}"]
+        procs.append(subprocess.Popen(cmd, env=settings_env(child)))
+    log.info("started %d worker processes: %s", count, ", ".join(str(p.pid) for p in procs))
+    stopping = {"flag": False}
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        stopping["flag"] = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping["flag"]:
+            for proc in procs:
+                code = proc.poll()
+                if code is not None:
+                    # One process down (no model, a crash): stop the rest, loudly, with its status.
+                    log.error("worker process %d exited with status %d; stopping the others", proc.pid, code)
+                    _stop_all(procs)
+                    return max(code, 0)
+            time.sleep(0.3)
+        codes = [_wait_stopped(proc) for proc in procs]
+        return max([c for c in codes if c > 0], default=0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _wait_stopped(proc: subprocess.Popen[bytes]) -> int:
+    try:
+        return proc.wait(timeout=STOP_GRACE_S * 4)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 # --- faceparse api ------------------------------------------------------------------------
 def gunicorn_command(host: str, port: int, workers: int) -> list[str]:
     """The gunicorn command line that serves `faceparse.wsgi:app`."""
     return [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"{host}:{port}",
-            "--access-logfile", "-", "--graceful-timeout", "10", "faceparse.wsgi:app"]
+            "--access-logfile", "-", "--graceful-timeout", "10",
+            # JSON lines like the rest of the stack (faceparse.logs), access log included.
+            "--logger-class", "faceparse.logs.GunicornLogger", "faceparse.wsgi:app"]
 
 
 def run_api(settings: Settings, *, host: str = "0.0.0.0", port: int = 8000, workers: int = 2) -> int:
@@ -111,7 +172,9 @@ def run_api(settings: Settings, *, host: str = "0.0.0.0", port: int = 8000, work
 # --- faceparse up -------------------------------------------------------------------------
 def run_up(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, demo: bool = False) -> int:
     """The whole stack on this machine: Redis (embedded when none answers), the API and one worker."""
-    _configure_logging()
+    from faceparse.logs import configure_from_settings
+
+    configure_from_settings(settings, "up")
     procs: list[subprocess.Popen[bytes]] = []
     stopping = {"flag": False}
 
@@ -311,11 +374,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _say(line: str) -> None:

@@ -4,8 +4,11 @@
 #   2. writes a random mit-b5 stand-in (no download: the machine may have no internet);
 #   3. runs the parity test with the pipeline on CUDA (fp32) against the model card on the CPU;
 #   4. reports fp32 and bf16 agreement on CUDA for the whole parity corpus;
-#   5. runs the benchmark on CUDA at batch sizes 1, 8 and 32.
+#   5. runs the stage benchmark on CUDA at batch sizes 1, 8 and 32;
+#   6. runs the system benchmark on CUDA in bf16: the bare forward swept over batch sizes 1-64, then
+#      N jobs through API -> Redis -> one worker (max batch = the best size) -> S3 (moto) -> status.
 # Figures go to $OUT (default ./gpu-check-out). Exit status: non-zero when a step failed.
+# The step timeouts add up to 9 minutes (540 s) when nothing needs installing.
 #   usage: bash scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,21 +42,28 @@ EOF
 
 step "random b5 stand-in"
 MODEL_DIR=$(mktemp -d)/b5
-timeout 120 "$PY" -m faceparse.cli model init-random "$MODEL_DIR" --arch b5 || status=1
+timeout 60 "$PY" -m faceparse.cli model init-random "$MODEL_DIR" --arch b5 || status=1
 
 step "parity test, pipeline on CUDA fp32 (reference: model card on the CPU, fp32)"
-FACEPARSE_TEST_DEVICE=cuda FACEPARSE_TEST_DTYPE=float32 timeout 240 \
+FACEPARSE_TEST_DEVICE=cuda FACEPARSE_TEST_DTYPE=float32 timeout 90 \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_parity.py 2>&1 | tee "$OUT/parity-cuda.txt" \
   || status=1
 
 step "agreement on CUDA, fp32 and bf16, b5 weights (reported; bf16 is not held to the fp32 bar)"
-timeout 240 "$PY" -m bench.pipeline --parity --model "$MODEL_DIR" --device cuda \
+timeout 60 "$PY" -m bench.pipeline --parity --model "$MODEL_DIR" --device cuda \
   --json "$OUT/parity-b5.json" 2>&1 | grep -v "Loading weights" | tee "$OUT/parity-b5.txt" || status=1
 
-step "benchmark on CUDA (bf16), batch sizes 1, 8, 32"
-timeout 300 "$PY" -m bench.pipeline --model "$MODEL_DIR" --device cuda --dtype auto \
-  --sizes 512x512,1600x1200 --images 32 --batch-sizes 1,8,32 --json "$OUT/bench-cuda.json" \
+step "stage benchmark on CUDA (bf16), batch sizes 1, 8, 32"
+timeout 90 "$PY" -m bench.pipeline --model "$MODEL_DIR" --device cuda --dtype auto \
+  --sizes 512x512,1600x1200 --images 32 --batch-sizes 1,8,32 --repeats 1 --json "$OUT/bench-cuda.json" \
   2>&1 | grep -v "Loading weights" | tee "$OUT/bench-cuda.md" || status=1
+
+step "system benchmark on CUDA (bf16): forward sweep 1-64, then 256 jobs end to end"
+# moto's S3 server is one Python process: on a GPU it, not the device, may bound the system figure;
+# the batch sizes the jobs rode in (printed) show whether the worker kept the device fed.
+timeout 240 "$PY" -m bench.system --model "$MODEL_DIR" --device cuda --dtype bfloat16 --jobs 256 \
+  --batch-sizes 1,2,4,8,16,32,64 --repeats 2 --json "$OUT/system-cuda.json" \
+  2>&1 | grep -v "Loading weights" | tee "$OUT/system-cuda.txt" || status=1
 
 step "done (status $status); figures in $OUT"
 exit "$status"

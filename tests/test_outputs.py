@@ -29,7 +29,7 @@ def test_summary_counts_fractions_and_boxes() -> None:
     by_id = {entry["id"]: entry for entry in summary["labels"]}
     assert sorted(by_id) == [0, 1, 13, 18]  # only labels present, in id order
     assert by_id[1] == {"id": 1, "name": "skin", "pixels": 200, "fraction": round(200 / 2400, 6),
-                        "bbox": [10, 5, 30, 15]}
+                        "bbox": [10, 5, 30, 15], "color": PALETTE[1].tolist()}
     assert by_id[18]["bbox"] == [59, 20, 60, 21] and by_id[18]["name"] == "cloth"
     assert by_id[13]["bbox"] == [0, 39, 1, 40]
     assert by_id[0]["bbox"] == [0, 0, 60, 40]

@@ -3,6 +3,11 @@
 `JobRunner.run` is the one job boundary: it catches every failure of a job, records it on the
 job and returns, so a worker never dies of a job. The Celery task (`worker.tasks`) only turns
 the returned `RunResult` into a retry or an ack.
+
+Many runs share one process (one per task thread). With a `Batcher`, a run's forward pass rides
+in a batch with other jobs' images; everything else (fetch, decode, preprocess, postprocess,
+encode, upload, record) runs in the run's own thread, overlapped with other batches' forwards.
+With an `Admission`, a run claims its job only when the process can make progress on it soon.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -19,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 from storage import keys
 from storage.errors import FaceparseError
 from storage.jobs import Job, JobStatus
+from worker.metrics import observe_job
 
 if TYPE_CHECKING:
     from faceparse.settings import Settings
     from storage.jobstore import JobStore
     from storage.objects import ObjectStore
+    from worker.batcher import Admission, Batcher
     from worker.model import FaceParser
 
 log = logging.getLogger(__name__)
@@ -68,16 +76,24 @@ class JobRunner:
     """Runs parse jobs against a job store, an object store and a loaded `FaceParser`."""
 
     def __init__(self, settings: Settings, jobs: JobStore, store: ObjectStore,
-                 parser: Callable[[], FaceParser], notify: Notify) -> None:
+                 parser: Callable[[], FaceParser], notify: Notify, *,
+                 batcher: Callable[[], Batcher] | None = None, admission: Admission | None = None) -> None:
         self.settings = settings
         self.jobs = jobs
         self.store = store
         self._parser = parser  # a getter: the model is loaded once per process, elsewhere
         self.notify = notify
+        # Without a batcher the run does its own forward pass at batch 1 (tests, tools).
+        self._batcher = batcher
+        self._admission = admission
 
     # --- the job boundary ---------------------------------------------------------------
     def run(self, job_id: str) -> RunResult:
         """Process the job; never raises for a job's own failure."""
+        with self._admitted() as reached_forward:
+            return self._run(job_id, reached_forward)
+
+    def _run(self, job_id: str, reached_forward: Callable[[], None]) -> RunResult:
         job = self.jobs.claim(job_id)
         if job is None:
             self._skipped(job_id)
@@ -87,10 +103,11 @@ class JobRunner:
             self._emit(job, "start")
         written: list[str] = []
         try:
-            return self._process(job, written)
+            return self._process(job, written, reached_forward)
         except JobCanceled:
             self._cleanup(job_id, written)
             log.info("job %s canceled while running; outputs removed", job_id)
+            observe_job({}, "canceled")
             self._emit_canceled(job_id)
             return RunResult(status=JobStatus.CANCELED)
         except FaceparseError as exc:
@@ -109,7 +126,15 @@ class JobRunner:
             return self._fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
 
     # --- the stages ---------------------------------------------------------------------
-    def _process(self, job: Job, written: list[str]) -> RunResult:
+    @contextmanager
+    def _admitted(self) -> Iterator[Callable[[], None]]:
+        if self._admission is None:
+            yield lambda: None
+            return
+        with self._admission.enter() as reached_forward:
+            yield reached_forward
+
+    def _process(self, job: Job, written: list[str], reached_forward: Callable[[], None]) -> RunResult:
         from storage.inputs import read_input
         from worker.decode import decode_image
         from worker.outputs import encode_outputs
@@ -130,7 +155,7 @@ class JobRunner:
         self._check_not_canceled(job.id)
 
         parser = self._parser()
-        mask = parser.parse_batch([image])[0]
+        mask, batch = self._infer(parser, image, reached_forward)
         t = stages.timed("inference_ms", t)
 
         summary = self._summary(job, mask, parser)
@@ -148,15 +173,37 @@ class JobRunner:
         metrics = {"queue_ms": round(queue_ms, 2), **stages.ms,
                    "total_ms": round((time.perf_counter() - t_start) * 1000.0, 2),
                    # Which process ran it: lets operators (and tests) see how work spreads.
-                   "worker_pid": float(os.getpid())}
+                   "worker_pid": float(os.getpid()),
+                   # The forward pass this job rode in: its size, and the wait for it to start.
+                   **batch}
         done = self.jobs.transition(job.id, JobStatus.SUCCEEDED, outputs=outputs, summary=summary,
                                     metrics=metrics, error=None, model=parser.model_name)
         if done is None:
             # Canceled (terminal) between the last check and now: the cancel wins.
             raise JobCanceled(job.id)
+        observe_job(metrics, "succeeded")
         log.info("job %s succeeded in %.0f ms", job.id, metrics["total_ms"])
         self._emit(done, "completed")
         return RunResult(status=JobStatus.SUCCEEDED)
+
+    def _infer(self, parser: FaceParser, image: Any, reached_forward: Callable[[], None]
+               ) -> tuple[Any, dict[str, float]]:
+        """The image's mask, and the figures of the forward pass it rode in."""
+        pixels = parser.preprocess([image])
+        batcher = self._batcher() if self._batcher is not None else None
+        if batcher is None:
+            reached_forward()
+            logits = parser.forward(pixels)
+            batch = {"batch_size": 1.0, "batch_wait_ms": 0.0}
+        else:
+            future = batcher.submit(pixels)
+            reached_forward()  # the device now has this image: the next job may be claimed
+            # Bounded like the task itself, so a wedged device cannot hold the thread forever.
+            result = future.result(timeout=self.settings.task_time_limit)
+            logits = result.logits[None]
+            batch = {"batch_size": float(result.batch_size), "batch_wait_ms": result.wait_ms}
+        mask = parser.postprocess(logits, [(image.height, image.width)])[0]
+        return mask, batch
 
     def _summary(self, job: Job, mask: Any, parser: FaceParser) -> dict[str, Any]:
         from worker.outputs import summarize, summary_document
@@ -189,6 +236,7 @@ class JobRunner:
         failed = self.jobs.transition(job_id, JobStatus.FAILED, error={"code": code, "message": message})
         if failed is None:  # already terminal (canceled): leave it
             return RunResult(status=JobStatus.CANCELED, error_code=code)
+        observe_job(failed.metrics, "failed")
         log.info("job %s failed: %s: %s", job_id, code, message)
         self._emit(failed, "completed")
         return RunResult(status=JobStatus.FAILED, error_code=code)

@@ -40,8 +40,8 @@ CONTENT_TYPES = {"png": "image/png", "json": "application/json"}
 def summarize(mask: np.ndarray, id2label: dict[int, str], *, random_weights: bool = False) -> dict[str, Any]:
     """Pixels, fraction of the image and bounding box of every label present in `mask`.
 
-    bbox is [x0, y0, x1, y1] with x1/y1 exclusive (Pillow's getbbox convention). With
-    `random_weights` the summary carries the noise warning.
+    bbox is [x0, y0, x1, y1] with x1/y1 exclusive (Pillow's getbbox convention); color is the
+    label's [r, g, b] in the overlay. With `random_weights` the summary carries the noise warning.
     """
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise ValueError(f"expected a (H, W) uint8 mask, got {mask.shape} {mask.dtype}")
@@ -60,6 +60,8 @@ def summarize(mask: np.ndarray, id2label: dict[int, str], *, random_weights: boo
             "pixels": int(counts[label]),
             "fraction": round(float(counts[label]) / area, 6),
             "bbox": [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1],
+            # The overlay's colour for this label, so a viewer can draw a matching legend.
+            "color": [int(c) for c in PALETTE[label]],
         })
     summary: dict[str, Any] = {"image": {"width": width, "height": height}, "labels": labels}
     if random_weights:

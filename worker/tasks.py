@@ -1,7 +1,9 @@
 """The Celery tasks: thin adapters from the queue to `JobRunner` and `worker.webhooks`.
 
 Tasks receive ids, never images, and are registered on an app built from settings
-(`worker.celery_app.create_worker_app`), never on a global one.
+(`worker.celery_app.create_worker_app`), never on a global one. They run in the worker's
+`threads` pool: several parse tasks of one process are in flight at once, and their forward
+passes are batched by the process's `worker.batcher.Batcher` (see `WorkerContext.runner`).
 """
 
 from __future__ import annotations

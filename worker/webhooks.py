@@ -26,6 +26,7 @@ from storage import keys
 from storage.errors import FaceparseError
 from storage.jobs import WEBHOOK_EVENTS, Job, WebhookDelivery, utcnow
 from storage.netguard import guarded_request
+from worker.metrics import observe_webhook
 
 if TYPE_CHECKING:
     import redis
@@ -141,6 +142,7 @@ def deliver_once(
     url = job.webhook.url
 
     result = _attempt(settings, secret, job, event, webhook_id, attempt)
+    observe_webhook(result.outcome)
     jobs.append_delivery(job_id, WebhookDelivery(
         event=event, attempt=attempt, status_code=result.status_code, at=utcnow(),
         error=result.error, outcome=result.outcome,

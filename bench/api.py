@@ -1,0 +1,145 @@
+"""Benchmark: the API's submission rate and status latency, against raw Celery in the same run.
+
+    python -m bench.api --clients 8 --requests 400
+
+1. POST /v1/jobs (JSON, an s3:// input) from `--clients` concurrent clients, `--requests` in all,
+   to the API under gunicorn (`--api-workers` processes); no worker consumes, so the queue only grows.
+2. The same number of raw `send_task("faceparse.parse", [id])` calls from as many threads, on the
+   same Redis: the floor a Celery producer has to pay. Ratio: API rate / raw rate (goal >= 0.5).
+3. GET /v1/jobs/{id} of the jobs just made, from the same number of concurrent clients: p50 and
+   p99 latency under that load (goal: p99 <= 10 ms).
+
+Rate limiting is off for the run (FACEPARSE_RATE_LIMIT_PER_MINUTE=0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import API_KEYS, BUCKET, TENANT, Services, load, say
+
+
+def _sessions(count: int) -> list[Any]:
+    import requests
+
+    sessions = []
+    for _ in range(count):
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {API_KEYS[TENANT]}"
+        sessions.append(session)
+    return sessions
+
+
+def post_rate(api_url: str, clients: int, total: int) -> tuple[float, list[str]]:
+    """POST /v1/jobs `total` times from `clients` threads; (requests/s, job ids)."""
+    sessions = _sessions(clients)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        session = sessions[i]
+        for n in range(i, total, clients):
+            body = {"input": f"s3://{BUCKET}/in/{n}.jpg"}
+            response = session.post(f"{api_url}/v1/jobs", json=body, timeout=30)
+            if response.status_code != 202:
+                raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:200]}")
+            with lock:
+                ids.append(response.json()["id"])
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return total / (time.perf_counter() - start), ids
+
+
+def send_task_rate(redis_url: str, clients: int, total: int) -> float:
+    """Raw Celery `send_task` of the parse task, `total` times from `clients` threads; calls/s."""
+    from storage.jobs import new_id
+    from storage.queue import PARSE_QUEUE, PARSE_TASK, make_celery
+
+    app = make_celery(redis_url)
+    app.send_task(PARSE_TASK, args=[new_id()], queue=PARSE_QUEUE)  # connect and declare once
+
+    def client(i: int) -> None:
+        for _ in range(i, total, clients):
+            app.send_task(PARSE_TASK, args=[new_id()], queue=PARSE_QUEUE)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return total / (time.perf_counter() - start)
+
+
+def get_latencies(api_url: str, clients: int, ids: list[str], rounds: int) -> list[float]:
+    """Milliseconds of each GET /v1/jobs/{id}, `clients` at a time."""
+    sessions = _sessions(clients)
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        session, mine = sessions[i], []
+        for n in range(i, len(ids) * rounds, clients):
+            start = time.perf_counter()
+            response = session.get(f"{api_url}/v1/jobs/{ids[n % len(ids)]}", timeout=30)
+            mine.append((time.perf_counter() - start) * 1000.0)
+            if response.status_code != 200:
+                raise RuntimeError(f"GET answered {response.status_code}")
+        with lock:
+            latencies.extend(mine)
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return latencies
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three phases and print the figures (and --json them)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=400, help="POSTs (and raw sends) in all")
+    ap.add_argument("--get-rounds", type=int, default=2, help="GETs per job made")
+    ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, Services() as svc:
+        env = svc.env(Path(tmp) / "no-model-needed")
+        api_url = svc.api(env, workers=args.api_workers)
+        post_rate(api_url, args.clients, args.clients * 4)  # warm-up: connections, first requests
+        say(f"bench.api: {args.clients} clients, {args.requests} requests, {args.api_workers} API processes "
+            f"({load()})")
+        api_rate, ids = post_rate(api_url, args.clients, args.requests)
+        say(f"POST /v1/jobs: {api_rate:.1f} requests/s  ({load()})")
+        raw_rate = send_task_rate(svc.redis_url, args.clients, args.requests)
+        say(f"raw send_task: {raw_rate:.1f} calls/s  ({load()})")
+        latencies = get_latencies(api_url, args.clients, ids, args.get_rounds)
+    p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
+    say(f"GET /v1/jobs/{{id}} under {args.clients} concurrent clients: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+        f"over {len(latencies)} requests  (goal p99 <= 10 ms)  ({load()})")
+    ratio = api_rate / raw_rate
+    say(f"RATIO POST rate / raw send_task rate = {ratio:.3f}  (goal >= 0.5)")
+    if args.json:
+        args.json.write_text(json.dumps({"post_rate": api_rate, "send_task_rate": raw_rate, "ratio": ratio,
+                                         "get_p50_ms": p50, "get_p99_ms": p99, "gets": len(latencies)},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
