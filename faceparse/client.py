@@ -93,30 +93,32 @@ class Client:
 
     def wait(self, job_ids: Iterable[str], *, timeout: float | None = None, poll_s: float = 0.3,
              progress: bool = False) -> list[dict[str, Any]]:
-        """Poll until every job is terminal; returns them in the order asked (TimeoutError past `timeout`)."""
+        """Poll until every job is terminal; returns them in the order asked (TimeoutError past `timeout`).
+
+        Jobs finish roughly in the order they were submitted, so only the first unfinished one is
+        polled; once it is done the next is checked at once. A thousand waiting jobs cost one
+        request per `poll_s`, not a thousand.
+        """
         ids = list(job_ids)
-        done: dict[str, dict[str, Any]] = {}
+        done: list[dict[str, Any]] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = _progress(len(ids)) if progress else None
         try:
-            while len(done) < len(ids):
-                for job_id in ids:
-                    if job_id in done:
-                        continue
+            for job_id in ids:
+                while True:
                     job = self.get(job_id)
                     if job["status"] in TERMINAL:
-                        done[job_id] = job
-                        if bar is not None:
-                            bar.update(1)
-                if len(done) == len(ids):
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(ids) - len(done)} of {len(ids)} jobs still running")
-                time.sleep(poll_s)
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise TimeoutError(f"{len(ids) - len(done)} of {len(ids)} jobs still running")
+                    time.sleep(poll_s)
+                done.append(job)
+                if bar is not None:
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        return [done[i] for i in ids]
+        return done
 
     def download(self, job: Mapping[str, Any], out_dir: Path) -> list[Path]:
         """Write a succeeded job's outputs into `out_dir` (mask.png, overlay.png, summary.json, masks/)."""
