@@ -89,10 +89,15 @@ def test_storage_outage_jobs_retry_and_outputs_are_whole(isolated_stack: Isolate
     recovered_s = time.monotonic() - restored_at
     assert [j.status.value for j in final] == ["succeeded"] * JOBS, [(j.id, j.status, j.error) for j in final]
     retried = [j for j in final if j.attempts > 1]
-    assert retried, "no job was retried: the outage did not reach the worker"
+    # The outage is met either by a job-level retry (attempts > 1) or, when it ends inside the
+    # S3 client's own retries (4 tries with backoff), by a fetch or upload that waited it out.
+    waited = [j for j in final if max(j.metrics.get("fetch_ms", 0.0), j.metrics.get("upload_ms", 0.0)) > 1000]
+    assert retried or waited, ("no job met the outage: none retried, none waited on storage",
+                               during, [(j.attempts, j.metrics) for j in final])
     for job in final:
         _check_outputs(stack, job, size)
     assert stack.worker.proc.poll() is None
     attempts = sorted(j.attempts for j in retried)
-    print(f"\nS3 cut {OUTAGE_S:.0f}s: {stack.s3_proxy.refused} connections reset; {len(retried)} jobs "
-          f"retried (attempts {attempts}); all {JOBS} succeeded {recovered_s:.1f}s after the restore")
+    print(f"\nS3 cut {OUTAGE_S:.0f}s: {stack.s3_proxy.refused} connections reset; {len(waited)} jobs "
+          f"waited in the S3 client; {len(retried)} jobs retried (attempts {attempts}); "
+          f"all {JOBS} succeeded {recovered_s:.1f}s after the restore")
