@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import requests
 
 from storage.queue import PARSE_QUEUE, PARSE_TASK
 from tests.fixtures.api import png_bytes
+from tests.fixtures.services import free_port
 
 KEY = "serve-test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_api_process_never_imports_torch_or_worker(tmp_path):

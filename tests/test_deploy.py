@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from packaging.requirements import Requirement
 from faceparse.cli import main as faceparse_cli
 from faceparse.settings import Settings
 from storage.queue import PARSE_QUEUE, WEBHOOK_QUEUE
+from tests.fixtures.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -340,12 +340,6 @@ def pod_containers(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[
 
 
 # --- helpers: live services for the health checks ----------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A throwaway redis-server (never the shared one on 6379)."""
