@@ -19,7 +19,7 @@ from werkzeug.utils import secure_filename
 
 from storage import keys
 from storage.errors import ImageTooLarge, InputForbidden, InvalidInput, Unavailable, UnsupportedFormat
-from storage.inputs import parse_data_url, validate_input_url
+from storage.inputs import check_bucket, parse_data_url, validate_input_url
 from storage.jobs import Job, JobError, JobStatus, WebhookInfo, new_id, utcnow
 from storage.netguard import check_url
 from storage.objects import S3_SCHEME, split_s3_url
@@ -101,10 +101,8 @@ def resolve_output_prefix(svc: Services, prefix: str | None) -> str | None:
     root = svc.object_store.storage_url.rstrip("/")
     if prefix.startswith(S3_SCHEME):
         bucket, path = split_s3_url(prefix)
-        allowed = svc.settings.allowed_buckets()
-        own = root.startswith(S3_SCHEME) and split_s3_url(root)[0] == bucket
-        if allowed and bucket not in allowed and not own:
-            raise InputForbidden(f"bucket {bucket!r} is not in the allowed buckets")
+        if not (root.startswith(S3_SCHEME) and split_s3_url(root)[0] == bucket):  # its own bucket
+            check_bucket(prefix, svc.settings.allowed_buckets())
         full = f"{S3_SCHEME}{bucket}/{path.strip('/')}".rstrip("/")
     elif "://" in prefix:
         if not prefix.startswith(root + "/"):
@@ -155,9 +153,8 @@ def host_check(svc: Services, url: str) -> None:
 
 def bucket_check(svc: Services, url: str) -> None:
     """Refuse s3:// inputs outside `FACEPARSE_INPUT_BUCKETS` (when set) at submission, not later."""
-    allowed = svc.settings.allowed_buckets()
-    if allowed and url.startswith(S3_SCHEME) and split_s3_url(url)[0] not in allowed:
-        raise InputForbidden(f"bucket {split_s3_url(url)[0]!r} is not in the allowed buckets")
+    if url.startswith(S3_SCHEME):
+        check_bucket(url, svc.settings.allowed_buckets())
 
 
 def new_job(tenant: str, fields: JobFields, input_url: str, output_prefix: str | None) -> Job:

@@ -103,6 +103,13 @@ def validate_input_url(url: str, *, allow_private: bool = False) -> None:
     )
 
 
+def check_bucket(url: str, allowed_buckets: set[str] | frozenset[str]) -> None:
+    """Refuse an s3:// URL outside the bucket allow-list (`FACEPARSE_INPUT_BUCKETS`; empty allows any)."""
+    bucket, _ = split_s3_url(url)
+    if allowed_buckets and bucket not in allowed_buckets:
+        raise InputForbidden(f"bucket {bucket!r} is not an allowed input bucket")
+
+
 def read_input(
     url: str,
     store: ObjectStore,
@@ -121,9 +128,8 @@ def read_input(
     if scheme == "data":
         return parse_data_url(url, max_bytes=max_bytes)[1]
     if url.startswith(S3_SCHEME):
-        bucket, _ = split_s3_url(url)
-        if allowed_buckets and bucket not in allowed_buckets and not _is_upload(url, store):
-            raise InputForbidden(f"bucket {bucket!r} is not an allowed input bucket")
+        if not _is_upload(url, store):
+            check_bucket(url, allowed_buckets)
         return store.get(url, max_bytes=max_bytes)
     if url.startswith(FILE_SCHEME):
         store.local_path(url)  # InputForbidden outside the storage root
