@@ -94,18 +94,42 @@ def drop_unacked(redis: Redis, tag: str) -> None:
     pipe.execute()
 
 
+def parse_job_ids_waiting(redis: Redis) -> set[str]:
+    """Job ids with a parse message waiting in the queue's list (an O(queue length) read)."""
+    return {j for j in (_job_id_of_message(raw) for raw in redis.lrange(PARSE_QUEUE, 0, -1)) if j}
+
+
+def parse_job_ids_unacked(redis: Redis) -> set[str]:
+    """Job ids with a parse message delivered to a worker and not acked yet."""
+    return {j for j in (_parse_job_id(raw) for raw in redis.hvals(UNACKED_KEY)) if j}
+
+
 def _parse_job_id(payload: bytes | None) -> str | None:
-    """The job id of a Celery (protocol 2) parse message as kombu stores it; None for anything else."""
+    """The job id of an unacked entry (`[message, exchange, routing key]`); None for anything else."""
     if payload is None:
         return None
     try:
-        message = json.loads(payload)[0]
+        return _job_id_of(json.loads(payload)[0])
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
+def _job_id_of_message(raw: bytes) -> str | None:
+    """The job id of a message as it waits in the queue's list; None for anything else."""
+    try:
+        return _job_id_of(json.loads(raw))
+    except (ValueError, TypeError):
+        return None
+
+
+def _job_id_of(message: dict) -> str | None:
+    """The job id of a Celery (protocol 2) parse message as kombu stores it; None for anything else."""
+    try:
         if message.get("headers", {}).get("task") != PARSE_TASK:
             return None
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return str(args[0])
-    except (ValueError, KeyError, IndexError, TypeError):
+        return str(json.loads(body)[0][0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None

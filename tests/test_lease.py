@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from celery import Celery
 
 from storage import keys
 from storage.jobs import Job, JobStatus
@@ -35,12 +36,15 @@ def scope() -> Iterator[ClaimScope]:
 class Collector:
     """The reaper's collaborators, recorded: re-enqueued ids and announced events."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: Celery | None = None) -> None:
         self.sent: list[str] = []
         self.events: list[tuple[str, str, str]] = []
+        self.app = app  # when given, re-enqueued ids are really sent, as the worker's reaper does
 
     def requeue(self, job_id: str) -> None:
         self.sent.append(job_id)
+        if self.app is not None:
+            self.app.send_task(PARSE_TASK, args=[job_id], queue=PARSE_QUEUE)
 
     def notify(self, job: Job, event: str) -> None:
         self.events.append((job.id, event, job.status.value))
@@ -233,11 +237,11 @@ def test_reaper_resends_a_message_taken_by_a_worker_lost_before_claiming(jobs: J
 def test_reaper_resends_a_message_stranded_unacked_without_any_lease(jobs: JobStore, redis_url: str) -> None:
     """A worker took the message (kombu moved it to `unacked`) but never leased it: its broker
     connection died with Redis. The copy would wait an hour for the visibility timeout."""
-    calls = Collector()
+    app = make_celery(redis_url)
+    calls = Collector(app)
     job, _ = jobs.create(Job(input="s3://b/in.png"))
     done, _ = jobs.create(Job(input="s3://b/done.png"))
     jobs.transition(done.id, JobStatus.SUCCEEDED)
-    app = make_celery(redis_url)
     with app.connection() as conn:
         for job_id in (job.id, done.id):
             app.send_task(PARSE_TASK, args=[job_id], queue=PARSE_QUEUE)
@@ -264,6 +268,22 @@ def test_reaper_leaves_a_leased_unacked_message_alone(jobs: JobStore, redis_url:
         time.sleep(0.4)
         assert _reaper(jobs, calls).reap_once().requeued == [] and calls.sent == []
         assert [j for _, j in unacked_parse_messages(jobs.redis, older_than_s=0)] == [job.id]
+
+
+def test_reaper_resends_a_queued_job_whose_message_is_gone(jobs: JobStore, redis_url: str) -> None:
+    """A worker killed between popping a message and recording it as unacked takes it along."""
+    app = make_celery(redis_url)
+    calls = Collector(app)
+    lost, _ = jobs.create(Job(input="s3://b/lost.png", created_at=LONG_AGO))
+    waiting, _ = jobs.create(Job(input="s3://b/waiting.png", created_at=LONG_AGO))
+    fresh, _ = jobs.create(Job(input="s3://b/fresh.png"))  # may still be on its way to the queue
+    app.send_task(PARSE_TASK, args=[waiting.id], queue=PARSE_QUEUE)
+    result = _reaper(jobs, calls).reap_once()
+    assert result.requeued == [lost.id] and calls.sent == [lost.id]
+    time.sleep(0.4)  # `fresh` is now older than the lease, and has no message either
+    assert _reaper(jobs, calls).reap_once().requeued == [fresh.id]
+    assert _reaper(jobs, calls).reap_once().requeued == []  # every queued job has its message now
+    assert calls.sent == [lost.id, fresh.id]
 
 
 def test_a_released_lease_leaves_nothing_to_reap(jobs: JobStore) -> None:

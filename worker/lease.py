@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,7 +46,14 @@ from storage import keys
 from storage.errors import Unavailable
 from storage.jobs import Job, JobStatus
 from storage.jobstore import RETRY_LEASE_PREFIX, TAKEN_LEASE_PREFIX, ClaimScope, JobStore, claim_scope
-from storage.queue import PARSE_QUEUE, PARSE_TASK, drop_unacked, unacked_parse_messages
+from storage.queue import (
+    PARSE_QUEUE,
+    PARSE_TASK,
+    drop_unacked,
+    parse_job_ids_unacked,
+    parse_job_ids_waiting,
+    unacked_parse_messages,
+)
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -59,6 +67,10 @@ log = logging.getLogger(__name__)
 # Faults of Redis (job store and broker alike) that a background thread outlives: it logs and
 # tries again next tick.
 _TRANSIENT = (Unavailable, RedisError, OperationalError, OSError)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def lease_owner(task_id: str) -> str:
@@ -218,7 +230,35 @@ class Reaper:
             else:
                 jobs.forget_taken(job_id)
         self._resend_stranded(jobs, result)
+        self._resend_orphans(jobs, result)
         return result
+
+    def _resend_orphans(self, jobs: JobStore, result: ReapResult) -> None:
+        """Queued jobs with no message anywhere: a worker killed between popping a message from the
+        queue and recording it as unacked takes the message with it. Checked cheaply first (more
+        queued jobs than messages?), then by reading the queue."""
+        queued_key = keys.status_jobs_key(JobStatus.QUEUED.value)
+        unacked = parse_job_ids_unacked(jobs.redis)
+        if jobs.redis.zcard(queued_key) <= jobs.redis.llen(PARSE_QUEUE) + len(unacked):
+            return
+        cutoff_ms = (time.time() - self.lease_s) * 1000  # younger ones may still be being enqueued
+        old_enough = {_text(m) for m in jobs.redis.zrangebyscore(queued_key, "-inf", cutoff_ms)}
+        candidates = old_enough - unacked - set(result.requeued)
+        if candidates:
+            candidates -= parse_job_ids_waiting(jobs.redis)
+        for job_id in sorted(candidates):
+            if jobs.lease_owner(job_id) is not None:
+                continue  # a live worker holds it
+            job = jobs.get(job_id)
+            if job is None or job.status != JobStatus.QUEUED:
+                continue  # expired, or moved on since the read above
+            log.warning("job %s: queued with no message anywhere; re-enqueued", job_id)
+            try:
+                self.requeue(job_id)
+            except (OperationalError, RedisError, OSError) as exc:
+                log.warning("job %s: could not re-enqueue it yet: %s", job_id, exc)
+                continue
+            result.requeued.append(job_id)
 
     def _resend_stranded(self, jobs: JobStore, result: ReapResult) -> None:
         """Queued jobs whose message sits unacked with no lease anywhere: taken by a worker that
