@@ -172,6 +172,28 @@ class Services:
         self.procs.append(proc)
         return proc
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by each running process here, its children
+        included (gunicorn's workers, a supervisor's worker processes), and by this process."""
+        import psutil
+
+        figures = {"bench (this process)": sum(os.times()[:2])}
+        for managed in self.procs:
+            try:
+                root = psutil.Process(managed.pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            total = 0.0
+            for proc in tree:
+                try:
+                    times = proc.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system
+            figures[managed.name] = total
+        return figures
+
     def stop(self, proc: ManagedProcess) -> None:
         """Stop one process started here."""
         proc.stop()
@@ -189,18 +211,25 @@ def _ts(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two `Services.cpu_seconds()` readings."""
+    return {name: round(after[name] - before.get(name, 0.0), 2) for name in after}
+
+
 def run_jobs(api_url: str, inputs: Sequence[str], *, outputs: Sequence[str] = ("mask", "overlay", "summary"),
-             submitters: int = 4, timeout: float = 1800) -> dict[str, Any]:
+             submitters: int = 4, timeout: float = 1800, poll_s: float = 0.2) -> dict[str, Any]:
     """Submit every input through the API at once and wait for all; figures of the run.
 
     The window runs from the first submission to the last job's `completed_at` (the worker's own
-    clock on this machine), so status polling's interval does not pad it.
+    clock on this machine), so status polling's interval does not pad it. `device_busy` is the
+    share of the window the worker's forward passes took (each job carries its batch's
+    `forward_ms`): below 1, the device waited on something.
     """
     fp = client(api_url)
     start = time.time()
     with ThreadPoolExecutor(submitters) as pool:
         submitted = list(pool.map(lambda url: fp.submit(url, outputs=list(outputs))["id"], inputs))
-    jobs = fp.wait(submitted, timeout=timeout, poll_s=0.2)
+    jobs = fp.wait(submitted, timeout=timeout, poll_s=poll_s)
     failed = [j for j in jobs if j["status"] != "succeeded"]
     if failed:
         first = failed[0]
@@ -208,7 +237,11 @@ def run_jobs(api_url: str, inputs: Sequence[str], *, outputs: Sequence[str] = ("
     end = max(_ts(j["completed_at"]) for j in jobs)
     seconds = end - start
     batches = [int(j["metrics"].get("batch_size", 1)) for j in jobs]
+    # Each batch's forward time, counted once: every job of a batch of b carries it, so 1/b each.
+    forward_s = sum(j["metrics"].get("forward_ms", 0.0) / j["metrics"].get("batch_size", 1.0)
+                    for j in jobs) / 1000.0
     return {"jobs": len(jobs), "seconds": seconds, "images_per_s": len(jobs) / seconds,
+            "forward_seconds": round(forward_s, 3), "device_busy": round(forward_s / seconds, 3),
             "batch_sizes": {b: batches.count(b) for b in sorted(set(batches))},
             "mean_total_ms": sum(j["metrics"]["total_ms"] for j in jobs) / len(jobs)}
 

@@ -37,8 +37,10 @@ def parse_command(settings: Settings, images: list[Path], out: Path, batch_size:
     """
     from tqdm import tqdm
 
+    from worker.allocator import tune_malloc
     from worker.model import default_max_batch, load_parser
 
+    tune_malloc()  # as a worker process does (see worker.allocator)
     try:
         parser = load_parser(settings.model, device=settings.device, dtype=settings.dtype)
     except ModelUnavailable as exc:

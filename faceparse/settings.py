@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     device: str = "auto"
     dtype: str = "auto"
     max_batch: int | None = None  # None: chosen from the device (see worker.model)
-    batch_wait_ms: int = 10
+    batch_wait_ms: int | None = None  # None: chosen from the device (see worker.model)
     worker_slots: int | None = None  # jobs in flight per worker process; None: 2 x max_batch + 1
 
     # API.

@@ -64,6 +64,9 @@ def run_worker(settings: Settings, *, concurrency: int = 1,
 
 
 def _run_worker_process(settings: Settings, queues: str, hostname: str | None) -> int:
+    from worker.allocator import tune_malloc
+
+    tune_malloc()  # first, while this is the only thread (see worker.allocator)
     from celery.signals import worker_ready
 
     from storage.errors import ModelUnavailable

@@ -86,8 +86,8 @@ def test_a_lone_request_waits_at_most_batch_wait_ms() -> None:
 def test_one_bad_image_never_fails_its_batch_mates() -> None:
     forward = RecordingForward()
     forward.release.clear()
-    seen: list[int] = []
-    batcher = Batcher(forward, max_batch=4, wait_ms=0, on_batch=seen.append)
+    seen: list[tuple[int, float]] = []
+    batcher = Batcher(forward, max_batch=4, wait_ms=0, on_batch=lambda size, s: seen.append((size, s)))
     try:
         blocker = batcher.submit(_pixels(0))
         assert forward.entered.wait(5)
@@ -96,15 +96,45 @@ def test_one_bad_image_never_fails_its_batch_mates() -> None:
         blocker.result(timeout=10)
         good_a, bad, good_b = futures
         assert torch.equal(good_a.result(timeout=10).logits, torch.full((1, 4, 4), 2.0))
+        assert good_a.result().forward_ms >= 0 and good_a.result().batch_size == 1
         assert torch.equal(good_b.result(timeout=10).logits, torch.full((1, 4, 4), 6.0))
         with pytest.raises(RuntimeError, match="poisoned"):
             bad.result(timeout=10)
     finally:
         batcher.close()
-    # The batch of three failed, then ran one by one; the metrics hook saw every forward pass.
+    # The batch of three failed, then ran one by one; the metrics hook saw every forward pass
+    # that succeeded (the blocker's and the two good images'), with its time.
     assert forward.sizes == [1, 3, 1, 1, 1]
-    assert seen == forward.sizes
+    assert [size for size, _ in seen] == [1, 1, 1]
+    assert all(seconds >= 0 for _, seconds in seen)
     assert not batcher.busy
+
+
+def test_finish_runs_on_the_batcher_thread_and_fails_only_its_own_image() -> None:
+    forward = RecordingForward()
+    forward.release.clear()
+    threads: set[str] = set()
+
+    def finish(logits: torch.Tensor, meta: str) -> str:
+        threads.add(threading.current_thread().name)
+        if meta == "bad":
+            raise ValueError("cannot finish this one")
+        return f"{meta}:{logits.mean().item():g}"
+
+    batcher = Batcher(forward, max_batch=4, wait_ms=0, finish=finish)
+    try:
+        blocker = batcher.submit(_pixels(0), "first")
+        assert forward.entered.wait(5)
+        good, bad, other = (batcher.submit(_pixels(v), meta) for v, meta in ((1, "a"), (2, "bad"), (3, "b")))
+        forward.release.set()
+        assert blocker.result(timeout=10).output == "first:0"
+        assert (good.result(timeout=10).output, other.result(timeout=10).output) == ("a:2", "b:6")
+        assert good.result().batch_size == 3  # the failed finish did not take its batch-mates down
+        with pytest.raises(ValueError, match="cannot finish"):
+            bad.result(timeout=10)
+    finally:
+        batcher.close()
+    assert threads == {"faceparse-batcher"}
 
 
 def test_images_of_different_sizes_batch_together_with_the_same_logits(tiny_parser: FaceParser) -> None:

@@ -24,7 +24,7 @@ WORKER_SCRIPT = textwrap.dedent("""
     from worker import metrics
 
     def work(size):
-        metrics.observe_batch(size)
+        metrics.observe_batch(size, 0.25 * size)
         metrics.observe_webhook("delivered")
         metrics.observe_job({"queue_ms": 1500.0, "fetch_ms": 4.0, "decode_ms": 2.0,
                              "inference_ms": 20.0, "upload_ms": 6.0, "total_ms": 40.0}, "succeeded")
@@ -72,6 +72,7 @@ def test_worker_metrics_are_served(worker_metrics_url: str) -> None:
     assert samples[("faceparse_worker_jobs_total", (("status", "failed"),))] == 1
     assert samples[("faceparse_batch_size_count", ())] == 2
     assert samples[("faceparse_batch_size_sum", ())] == 6
+    assert samples[("faceparse_forward_seconds_sum", ())] == 1.5
     assert samples[("faceparse_batch_size_bucket", (("le", "2.0"),))] == 1
     assert samples[("faceparse_webhook_deliveries_total", (("outcome", "delivered"),))] == 2
     assert samples[("faceparse_job_queue_wait_seconds_count", ())] == 2

@@ -3,9 +3,16 @@
 Each job runs in its own task thread (Celery's `threads` pool): it fetches, decodes and
 preprocesses its image, then hands the pixel tensor to the process's one `Batcher`. The batcher's
 thread owns the model's forward pass: it takes whatever requests are waiting, up to `max_batch`,
-waits at most `wait_ms` for a batch to fill, runs one forward over all of them, and gives each
-caller its own logits through a Future. Postprocessing, encoding and uploading happen back in the
-callers' threads, so they overlap with the next forward pass.
+waits at most `wait_ms` for a batch to fill, runs one forward over all of them, then `finish`es
+each image (the worker's: upsample + argmax to the image's own size) and gives each caller its
+result through a Future. Encoding and uploading happen back in the callers' threads, so they
+overlap with the next forward pass.
+
+All of a worker's torch work runs on this one thread. On a CPU that matters: every thread that
+runs a parallel torch op gets its own OpenMP team, and once a process has more OpenMP threads
+than cores, libgomp stops spinning between parallel regions: the forward's threads sleep and
+wake hundreds of times a second and the forward pass ran 10-25 % slower in a worker than alone
+(docs/PERFORMANCE.md).
 
 A failed forward never fails its batch-mates for another image's sake: a batch whose forward
 raises is run again one image at a time, and only the image that fails on its own gets the error.
@@ -27,6 +34,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,16 +46,20 @@ ADMISSION_GRACE_S = 3.0
 
 @dataclass
 class BatchResult:
-    """One image's share of a forward pass: its logits (L, h, w) and the size of its batch."""
+    """One image's share of a forward pass: its logits (L, h, w), what `finish` made of them
+    (None without one) and the size of its batch."""
 
     logits: torch.Tensor
+    output: Any
     batch_size: int
     wait_ms: float  # from submission to the start of its forward pass
+    forward_ms: float  # the batch's forward pass, wall time
 
 
 @dataclass
 class _Request:
     pixels: torch.Tensor  # (3, H, W)
+    meta: Any = None  # handed to `finish` with the image's logits
     future: Future[BatchResult] = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -55,18 +67,23 @@ class _Request:
 class Batcher:
     """Collects pixel tensors from many threads and runs the forward pass on batches of them.
 
-    `forward` maps (B, 3, H, W) pixel values to (B, L, h, w) logits; `on_batch(size)` is called
-    before each forward pass (metrics). All images must share one (3, H, W) shape, which the
-    pipeline's preprocessing guarantees (every image is resized to the model's input size).
+    `forward` maps (B, 3, H, W) pixel values to (B, L, h, w) logits; `finish(logits, meta)`, when
+    given, turns one image's logits (L, h, w) and the `meta` it was submitted with into its result,
+    on the batcher's thread (an error there fails that image alone); `on_batch(size, seconds)` is
+    called after each forward pass that succeeded (metrics). All images must share one (3, H, W)
+    shape, which the pipeline's preprocessing guarantees (every image is resized to the model's
+    input size).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_batch: int,
-                 wait_ms: float, on_batch: Callable[[int], None] | None = None) -> None:
+                 wait_ms: float, finish: Callable[[torch.Tensor, Any], Any] | None = None,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self._forward = forward
+        self._finish = finish
         self._on_batch = on_batch
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -77,13 +94,13 @@ class Batcher:
         self._thread.start()
 
     # --- callers' side --------------------------------------------------------------------
-    def submit(self, pixels: torch.Tensor) -> Future[BatchResult]:
-        """Queue one image's pixel values, (3, H, W) or (1, 3, H, W); its logits arrive in the Future."""
+    def submit(self, pixels: torch.Tensor, meta: Any = None) -> Future[BatchResult]:
+        """Queue one image's pixel values, (3, H, W) or (1, 3, H, W); its result arrives in the Future."""
         if pixels.dim() == 4:
             if pixels.shape[0] != 1:
                 raise ValueError(f"submit one image at a time, got a batch of {pixels.shape[0]}")
             pixels = pixels[0]
-        request = _Request(pixels)
+        request = _Request(pixels, meta)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -91,9 +108,9 @@ class Batcher:
         self._queue.put(request)
         return request.future
 
-    def run(self, pixels: torch.Tensor) -> BatchResult:
+    def run(self, pixels: torch.Tensor, meta: Any = None) -> BatchResult:
         """Submit and wait for the result (re-raises the forward's error for this image)."""
-        return self.submit(pixels).result()
+        return self.submit(pixels, meta).result()
 
     @property
     def busy(self) -> bool:
@@ -168,14 +185,23 @@ class Batcher:
             for request in batch:
                 self._forward_and_deliver([request])
             return
+        seconds = time.perf_counter() - started
+        if self._on_batch is not None:
+            self._on_batch(len(batch), seconds)
         for i, request in enumerate(batch):
+            output = None
+            if self._finish is not None:
+                try:
+                    output = self._finish(logits[i], request.meta)
+                except Exception as exc:  # this image's own failure, handed to its caller
+                    request.future.set_exception(exc)
+                    continue
             request.future.set_result(BatchResult(
-                logits=logits[i], batch_size=len(batch),
-                wait_ms=round((started - request.submitted) * 1000.0, 2)))
+                logits=logits[i], output=output, batch_size=len(batch),
+                wait_ms=round((started - request.submitted) * 1000.0, 2),
+                forward_ms=round(seconds * 1000.0, 2)))
 
     def _forward_batch(self, batch: list[_Request]) -> torch.Tensor:
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
         pixels = torch.stack([r.pixels for r in batch]) if len(batch) > 1 else batch[0].pixels[None]
         logits = self._forward(pixels)
         if logits.shape[0] != len(batch):

@@ -16,8 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from worker.model import FaceParser
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,7 +109,7 @@ class WorkerContext:
             if self.parser is None:
                 settings = self.settings
                 started = time.perf_counter()
-                self.parser = load_parser(settings.model, settings.device, settings.dtype)
+                self.parser = _in_own_thread(load_parser, settings.model, settings.device, settings.dtype)
                 observe_model_load(time.perf_counter() - started)
                 self.model_loads += 1
                 # Counted by tests to prove one load per process; keep the wording stable.
@@ -138,18 +140,30 @@ class WorkerContext:
             return max(1, self.settings.worker_slots)
         return 2 * self.max_batch() + 1
 
+    def batch_wait_ms(self) -> int:
+        """How long a forward pass waits for its batch to fill: FACEPARSE_BATCH_WAIT_MS, else the
+        device's default."""
+        from worker.model import default_batch_wait_ms
+
+        if self.settings.batch_wait_ms is not None:
+            return max(0, self.settings.batch_wait_ms)
+        return default_batch_wait_ms(self.get_parser().device)
+
     def batcher(self) -> Batcher:
         """The process's one batcher: its thread owns the model's forward pass."""
         from worker.batcher import Batcher
         from worker.metrics import observe_batch
 
         parser = self.get_parser()
+        wait_ms = self.batch_wait_ms()
         with self._lock:
             if self._batcher is None:
-                self._batcher = Batcher(parser.forward, max_batch=self.max_batch(),
-                                        wait_ms=self.settings.batch_wait_ms, on_batch=observe_batch)
+                self._batcher = Batcher(parser.forward, max_batch=self.max_batch(), wait_ms=wait_ms,
+                                        finish=lambda logits, size: parser.postprocess(logits[None],
+                                                                                       [size])[0],
+                                        on_batch=observe_batch)
                 log.info("batcher started pid=%d max_batch=%d wait_ms=%s", os.getpid(),
-                         self._batcher.max_batch, self.settings.batch_wait_ms)
+                         self._batcher.max_batch, wait_ms)
             return self._batcher
 
     def admission(self) -> Admission:
@@ -174,6 +188,26 @@ class WorkerContext:
     def after_fork(self) -> None:
         """Forget connections inherited from a parent process."""
         self._jobs = self._store = self._redis = None
+
+
+def _in_own_thread(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a thread that then exits. Loading a model runs parallel torch ops; on the
+    calling thread (Celery's main thread, which lives on) they would leave an OpenMP team behind,
+    one more than the batcher's own, and slow every forward pass (see worker.batcher)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="faceparse-model-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def create_worker_app(settings: Settings) -> Celery:

@@ -194,15 +194,18 @@ class JobRunner:
         if batcher is None:
             reached_forward()
             logits = parser.forward(pixels)
-            batch = {"batch_size": 1.0, "batch_wait_ms": 0.0}
+            batch = {"batch_size": 1.0, "batch_wait_ms": 0.0}  # forward_ms: inference_ms holds it
+            mask = parser.postprocess(logits, [(image.height, image.width)])[0]
         else:
-            future = batcher.submit(pixels)
+            # The batcher's thread upsamples the logits to the image's size too (worker.batcher:
+            # all of a process's torch work stays on that one thread).
+            future = batcher.submit(pixels, (image.height, image.width))
             reached_forward()  # the device now has this image: the next job may be claimed
             # Bounded like the task itself, so a wedged device cannot hold the thread forever.
             result = future.result(timeout=self.settings.task_time_limit)
-            logits = result.logits[None]
-            batch = {"batch_size": float(result.batch_size), "batch_wait_ms": result.wait_ms}
-        mask = parser.postprocess(logits, [(image.height, image.width)])[0]
+            mask = result.output
+            batch = {"batch_size": float(result.batch_size), "batch_wait_ms": result.wait_ms,
+                     "forward_ms": result.forward_ms}
         return mask, batch
 
     def _summary(self, job: Job, mask: Any, parser: FaceParser) -> dict[str, Any]:

@@ -46,6 +46,9 @@ PROCESSING_TIME = Histogram("faceparse_job_processing_seconds",
 END_TO_END = Histogram("faceparse_job_end_to_end_seconds",
                        "queue wait plus processing: submission to result", buckets=QUEUE_BUCKETS)
 BATCH_SIZE = Histogram("faceparse_batch_size", "images per forward pass", buckets=BATCH_BUCKETS)
+FORWARD_TIME = Histogram("faceparse_forward_seconds",
+                         "wall time of one forward pass (its sum over wall time: how busy the device is)",
+                         buckets=STAGE_BUCKETS)
 WEBHOOKS = Counter("faceparse_webhook_deliveries",
                    "webhook delivery attempts by outcome (delivered, retrying, failed, refused)",
                    ["outcome"])
@@ -75,9 +78,10 @@ def observe_job(metrics: Mapping[str, float], status: str) -> None:
             END_TO_END.observe((queue_ms + total_ms) / 1000.0)
 
 
-def observe_batch(size: int) -> None:
-    """Record one forward pass over `size` images."""
+def observe_batch(size: int, seconds: float) -> None:
+    """Record one forward pass over `size` images that took `seconds`."""
     BATCH_SIZE.observe(size)
+    FORWARD_TIME.observe(seconds)
 
 
 def observe_webhook(outcome: str) -> None:
