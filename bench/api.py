@@ -1,13 +1,18 @@
 """Benchmark: the API's submission rate and status latency, against raw Celery in the same run.
 
-    python -m bench.api --clients 8 --requests 400
+    python -m bench.api --clients 8 --requests 2000
 
-1. POST /v1/jobs (JSON, an s3:// input) from `--clients` concurrent clients, `--requests` in all,
-   to the API under gunicorn (`--api-workers` processes); no worker consumes, so the queue only grows.
-2. The same number of raw `send_task("faceparse.parse", [id])` calls from as many threads, on the
-   same Redis: the floor a Celery producer has to pay. Ratio: API rate / raw rate (goal >= 0.5).
+1. POST /v1/jobs (JSON, an s3:// input) from `--clients` concurrent clients (threads of this
+   process, `http.client`), `--requests` in all, to the API under gunicorn (`--api-workers`
+   processes); no worker consumes, so the queue only grows.
+2. The same number of raw `send_task("faceparse.parse", [id])` calls from one producer process, on
+   the same Redis: the floor a Celery producer has to pay. The process runs them from one thread
+   and from `--clients` threads (the GIL makes more threads slower); the faster is the bar.
+   Ratio: API rate / raw rate (goal >= 0.5).
 3. GET /v1/jobs/{id} of the jobs just made, from the same number of concurrent clients: p50 and
    p99 latency under that load (goal: p99 <= 10 ms).
+4. For context, raw `send_task` from `--api-workers` producer processes at once (every core on
+   enqueueing, no HTTP, no client): printed with its ratio, not the goal's bar.
 
 Rate limiting is off for the run (FACEPARSE_RATE_LIMIT_PER_MINUTE=0).
 """
@@ -97,6 +102,32 @@ def send_task_rate(redis_url: str, clients: int, total: int) -> float:
     return total / (time.perf_counter() - start)
 
 
+def _send_task_process(redis_url: str, total: int, start: Any, rates: Any) -> None:
+    start.wait()
+    rates.put(send_task_rate(redis_url, 1, total))
+
+
+def send_task_rate_processes(redis_url: str, processes: int, total: int) -> float:
+    """Raw `send_task` from `processes` producer processes at once, `total` in all; calls/s."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, rates = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_send_task_process, args=(redis_url, total // processes, start, rates))
+             for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    time.sleep(3.0)  # all imported and connected before the start
+    begun = time.perf_counter()
+    start.set()
+    for _ in procs:
+        rates.get(timeout=120)  # each process's own figure; the bar is the whole window's
+    elapsed = time.perf_counter() - begun
+    for proc in procs:
+        proc.join()
+    return (total // processes) * processes / elapsed
+
+
 def get_latencies(api_url: str, clients: int, ids: list[str], rounds: int) -> list[float]:
     """Milliseconds of each GET /v1/jobs/{id}, `clients` at a time."""
     conns = _clients(api_url, clients)
@@ -128,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=400, help="POSTs (and raw sends) in all")
+    ap.add_argument("--requests", type=int, default=2000, help="POSTs (and raw sends) in all")
     ap.add_argument("--get-rounds", type=int, default=2, help="GETs per job made")
     ap.add_argument("--api-workers", type=int, default=2, help="gunicorn processes")
     ap.add_argument("--json", type=Path, default=None)
@@ -141,16 +172,23 @@ def main(argv: list[str] | None = None) -> int:
             f"({load()})")
         api_rate, ids = post_rate(api_url, args.clients, args.requests)
         say(f"POST /v1/jobs: {api_rate:.1f} requests/s  ({load()})")
-        raw_rate = send_task_rate(svc.redis_url, args.clients, args.requests)
-        say(f"raw send_task: {raw_rate:.1f} calls/s  ({load()})")
+        raw_threads = {n: send_task_rate(svc.redis_url, n, args.requests) for n in sorted({1, args.clients})}
+        raw_rate = max(raw_threads.values())
+        say("raw send_task, one process: " + ", ".join(f"{rate:.1f} calls/s from {n} thread(s)"
+                                                        for n, rate in raw_threads.items()) + f"  ({load()})")
         latencies = get_latencies(api_url, args.clients, ids, args.get_rounds)
+        raw_procs = send_task_rate_processes(svc.redis_url, args.api_workers, args.requests)
     p50, p99 = _percentile(latencies, 50), _percentile(latencies, 99)
     say(f"GET /v1/jobs/{{id}} under {args.clients} concurrent clients: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
         f"over {len(latencies)} requests  (goal p99 <= 10 ms)  ({load()})")
+    say(f"context: raw send_task from {args.api_workers} processes at once: {raw_procs:.1f} calls/s; "
+        f"POST rate / that = {api_rate / raw_procs:.3f}")
     ratio = api_rate / raw_rate
-    say(f"RATIO POST rate / raw send_task rate = {ratio:.3f}  (goal >= 0.5)")
+    say(f"RATIO POST rate / raw send_task rate (one producer process) = {ratio:.3f}  (goal >= 0.5)")
     if args.json:
         args.json.write_text(json.dumps({"post_rate": api_rate, "send_task_rate": raw_rate, "ratio": ratio,
+                                         "send_task_rate_by_threads": raw_threads,
+                                         "send_task_rate_processes": raw_procs,
                                          "get_p50_ms": p50, "get_p99_ms": p99, "gets": len(latencies)},
                                         indent=2))
     return 0

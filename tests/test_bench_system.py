@@ -1,4 +1,4 @@
-"""The system benchmark runs end to end (tiny model, three jobs), so the benchmarks do not rot."""
+"""The system and API benchmarks run end to end on small numbers, so the benchmarks do not rot."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def test_bench_system_prints_its_ratio_from_one_run() -> None:
     ratio = re.search(r"RATIO system / bare forward = ([\d.]+)", out)
     assert system and ratio, out
     assert float(system.group(1)) > 0 and float(ratio.group(1)) > 0
+
+
+def test_bench_api_prints_its_ratio_and_latencies() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.api", "--clients", "2", "--requests", "40", "--get-rounds", "1",
+         "--api-workers", "1"],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"POST /v1/jobs: [\d.]+ requests/s", out), out
+    assert re.search(r"GET /v1/jobs/\{id\} under 2 concurrent clients: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    ratio = re.search(r"RATIO POST rate / raw send_task rate \(one producer process\) = ([\d.]+)", out)
+    assert ratio and float(ratio.group(1)) > 0, out
