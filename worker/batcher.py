@@ -11,7 +11,7 @@ overlap with the next forward pass.
 All of a worker's torch work runs on this one thread. On a CPU that matters: every thread that
 runs a parallel torch op gets its own OpenMP team, and once a process has more OpenMP threads
 than cores, libgomp stops spinning between parallel regions: the forward's threads sleep and
-wake hundreds of times a second and the forward pass ran 10-25 % slower in a worker than alone
+wake hundreds of times a second and the forward pass ran 10-30 % slower in a worker than alone
 (docs/PERFORMANCE.md).
 
 A failed forward never fails its batch-mates for another image's sake: a batch whose forward

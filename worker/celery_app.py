@@ -159,9 +159,7 @@ class WorkerContext:
         with self._lock:
             if self._batcher is None:
                 self._batcher = Batcher(parser.forward, max_batch=self.max_batch(), wait_ms=wait_ms,
-                                        finish=lambda logits, size: parser.postprocess(logits[None],
-                                                                                       [size])[0],
-                                        on_batch=observe_batch)
+                                        finish=parser.postprocess_one, on_batch=observe_batch)
                 log.info("batcher started pid=%d max_batch=%d wait_ms=%s", os.getpid(),
                          self._batcher.max_batch, wait_ms)
             return self._batcher

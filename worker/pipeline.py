@@ -91,6 +91,10 @@ class FaceParser:
             return [upsample_argmax(logits[i], (int(h), int(w))).cpu().numpy()
                     for i, (h, w) in enumerate(sizes)]
 
+    def postprocess_one(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+        """One image's logits (num_labels, H/4, W/4) -> its uint8 mask at (height, width)."""
+        return self.postprocess(logits[None], [size])[0]
+
     def summarize(self, mask: np.ndarray) -> dict[str, Any]:
         """The label summary of one mask, with this model's names (and the noise warning if random)."""
         from worker.outputs import summarize
