@@ -304,11 +304,18 @@ class JobStore:
 
     # --- writes -----------------------------------------------------------------------------
     @_redis_errors
-    def create(self, job: Job, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """Store a new job; with an idempotency key already used by the tenant, return that job and False."""
+    def create(self, job: Job, idempotency_key: str | None = None,
+               also: Callable[[Any], None] | None = None) -> tuple[Job, bool]:
+        """Store a new job; with an idempotency key already used by the tenant, return that job and False.
+
+        `also(pipe)` adds writes to the same transaction (the API's: the job's queue message), so
+        they happen with the job's record or not at all; never for a replayed idempotency key.
+        """
         if idempotency_key is None:
             pipe = self.redis.pipeline(transaction=True)
             self._queue_create(pipe, job)
+            if also is not None:
+                also(pipe)
             pipe.execute()
             return job, True
 
@@ -328,6 +335,8 @@ class JobStore:
                     pipe.multi()
                     self._queue_create(pipe, job)
                     pipe.set(ikey, job.id, ex=self.ttl_seconds)
+                    if also is not None:
+                        also(pipe)
                     pipe.execute()
                     return job, True
                 except WatchError:

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
+from celery.events.event import Event
+from celery.utils.nodenames import anon_nodename
+from celery.utils.time import utcoffset
 from kombu import Exchange, Queue
+from kombu.serialization import dumps as serialize
+from kombu.utils.uuid import uuid
 from redis import Redis
 
 PARSE_QUEUE = "faceparse.parse"
@@ -62,6 +70,71 @@ def make_celery(
         task_send_sent_event=True,
     )
     return app
+
+
+# --- publishing inside another Redis transaction -----------------------------------------------
+# Celery's events exchange and kombu's name for a fanout message's Redis channel.
+EVENT_EXCHANGE = "celeryev"
+SENT_EVENT = "task-sent"
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """A task message, and its task-sent event, as kombu's Redis transport writes them, made
+    ready to go in the same Redis transaction as the job record they are for (`write(pipe)`)."""
+
+    queue: str  # the queue's Redis list
+    payload: str  # kombu's JSON envelope around Celery's message
+    event: str | None  # the task-sent event's envelope (None with task_send_sent_event off)
+
+    def write(self, pipe: Any) -> None:
+        """Queue the message's writes on a Redis pipeline: push on the queue, publish the event."""
+        pipe.lpush(self.queue, self.payload)
+        if self.event is not None:
+            # kombu's fanout channel: "/{db}.{exchange}/{routing key}" (fanout prefix and patterns on).
+            db = pipe.connection_pool.connection_kwargs.get("db", 0)
+            pipe.publish(f"/{db}.{EVENT_EXCHANGE}/{SENT_EVENT.replace('-', '.')}", self.event)
+
+
+def task_message(app: Celery, name: str, args: list[Any], queue: str) -> TaskMessage:
+    """What `app.send_task(name, args=args, queue=queue)` writes to Redis, without writing it.
+
+    Celery builds the message (protocol 2: headers, properties, body) and the task-sent event's
+    fields, as send_task does; they are wrapped the way kombu's Redis transport stores them (its
+    JSON envelope, the body in base64). A queue behind a direct exchange of its own name is, to
+    kombu, a push on the queue's list (priority 0). `tests/test_queue.py` holds both writes against
+    what send_task itself writes, so a Celery or kombu upgrade that changes them fails there.
+    """
+    task_id = uuid()
+    message = app.amqp.create_task_message(
+        task_id, name, args, {}, reply_to=app.thread_oid, ignore_result=None,
+        create_sent_event=app.conf.task_send_sent_event)
+    payload = _envelope(message.body, message.headers, {**message.properties, "delivery_mode": 2},
+                        exchange="", routing_key=queue, serializer=app.conf.task_serializer)
+    event = None
+    if message.sent_event is not None:
+        hostname = anon_nodename()
+        fields = {**message.sent_event, "queue": queue, "exchange": "", "routing_key": queue}
+        body = Event(SENT_EVENT, hostname=hostname, utcoffset=utcoffset(), pid=os.getpid(),
+                     clock=app.clock.forward(), **fields)
+        event = _envelope(body, {"hostname": hostname}, {"delivery_mode": 1}, exchange=EVENT_EXCHANGE,
+                          routing_key=SENT_EVENT.replace("-", "."), serializer="json")
+    return TaskMessage(queue=queue, payload=payload, event=event)
+
+
+def _envelope(body: Any, headers: dict[str, Any], properties: dict[str, Any], *, exchange: str,
+              routing_key: str, serializer: str) -> str:
+    """kombu's Redis envelope of one message (virtual Channel.prepare_message + basic_publish)."""
+    content_type, content_encoding, data = serialize(body, serializer=serializer)
+    raw = data.encode(content_encoding) if isinstance(data, str) else data
+    return json.dumps({
+        "body": base64.b64encode(raw).decode("ascii"),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {**properties, "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+                       "priority": 0, "body_encoding": "base64", "delivery_tag": uuid()},
+    })
 
 
 # kombu's Redis transport keeps every delivered, not yet acknowledged message in a hash
