@@ -1,4 +1,5 @@
-"""Creating jobs (one or a batch), enqueueing them by task name, and showing them with output URLs.
+"""Creating jobs (one or a batch), queueing each with its record in one Redis transaction, and
+showing them with output URLs.
 
 The API never holds image bytes past the request: uploads and data: URLs are written to the object
 store and the job's `input` becomes that URL; the task carries only the job id.
@@ -8,22 +9,21 @@ from __future__ import annotations
 
 import io
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from kombu.exceptions import OperationalError as BrokerError
 from PIL import Image, UnidentifiedImageError
-from redis.exceptions import RedisError
 from werkzeug.utils import secure_filename
 
 from storage import keys
 from storage.errors import ImageTooLarge, InputForbidden, InvalidInput, Unavailable, UnsupportedFormat
 from storage.inputs import check_bucket, parse_data_url, validate_input_url
-from storage.jobs import Job, JobError, JobStatus, WebhookInfo, new_id, utcnow
+from storage.jobs import Job, WebhookInfo, new_id
 from storage.netguard import check_url
 from storage.objects import S3_SCHEME, split_s3_url
-from storage.queue import PARSE_QUEUE, PARSE_TASK
+from storage.queue import PARSE_QUEUE, PARSE_TASK, task_message
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import FileStorage
@@ -197,12 +197,12 @@ def submit_job(
     job = new_job(tenant, fields, input_url or "", output_prefix)
     if upload is not None:
         job.input = store_upload(svc, job, upload)
-    stored, created = svc.job_store.create(job, idempotency_key=idempotency_key)
+    stored, created = svc.job_store.create(job, idempotency_key=idempotency_key, also=queue_message(svc, job))
     if not created:
         if upload is not None:
             svc.object_store.delete(job.input)  # this request's copy, under its own unused job id
         return stored, False
-    enqueue(svc, stored)
+    log.info("job queued", job_id=job.id, tenant=job.tenant, batch_id=job.batch_id)
     return stored, True
 
 
@@ -223,11 +223,11 @@ def submit_batch(svc: Services, tenant: str, body: BatchCreate) -> tuple[str, li
             job.input = store_upload(svc, job, upload)
         jobs.append(job)
     svc.job_store.create_batch(tenant, [job.id for job in jobs], batch_id=batch_id)
-    # Each job is enqueued right after it is stored: if Redis fails midway, the jobs before are
+    # Each job is stored with its queue message: if Redis fails midway, the jobs before are
     # queued for real and the rest never exist (the batch counts them in `total` only).
     for job in jobs:
-        svc.job_store.create(job)
-        enqueue(svc, job)
+        svc.job_store.create(job, also=queue_message(svc, job))
+        log.info("job queued", job_id=job.id, tenant=job.tenant, batch_id=job.batch_id)
     return batch_id, [job.id for job in jobs]
 
 
@@ -251,29 +251,16 @@ def batch_inputs(svc: Services, body: BatchCreate) -> list[str]:
     return inputs
 
 
-def enqueue(svc: Services, job: Job) -> None:
-    """Send the job's id to the parse queue; on a broker failure fail the job and answer 503."""
-    try:
-        svc.celery.send_task(PARSE_TASK, args=[job.id], queue=PARSE_QUEUE)
-    except (BrokerError, RedisError, OSError) as exc:
-        # A job recorded as queued that no worker will ever receive would wait forever.
-        fail_unqueued(svc, job, exc)
-        raise Unavailable("the job queue (Redis) is unreachable; the job was not queued") from exc
-    log.info("job queued", job_id=job.id, tenant=job.tenant, batch_id=job.batch_id)
+def queue_message(svc: Services, job: Job) -> Callable[[Any], None]:
+    """The job's parse message, written in the same Redis transaction as its record
+    (`JobStore.create(also=...)`): a job is stored queued with its message or not at all.
+
+    The message and its task-sent event are exactly what `send_task` would write
+    (`storage.queue.task_message`), in one round trip instead of three.
+    """
+    return task_message(svc.celery, PARSE_TASK, [job.id], PARSE_QUEUE).write
 
 
-def fail_unqueued(svc: Services, job: Job, exc: Exception) -> None:
-    """Mark a job that could not be enqueued as failed (best effort: Redis may be down too)."""
-    error = JobError(code="unavailable", message="the job could not be queued; submit it again")
-    try:
-        svc.job_store.transition(job.id, JobStatus.FAILED, error=error, completed_at=utcnow())
-    except (Unavailable, RedisError):
-        log.error("job left queued but never enqueued", job_id=job.id, error=str(exc))
-        return
-    log.warning("job failed: could not enqueue", job_id=job.id, error=str(exc))
-
-
-# --- showing --------------------------------------------------------------------------------
 def output_link(svc: Services, key: str) -> str | None:
     """Where a client downloads an output: presigned for S3, the API's /v1/files/… for local files."""
     if key.startswith(S3_SCHEME):

@@ -11,7 +11,6 @@ from api import create_app
 from faceparse.settings import Settings
 from storage.jobs import ANONYMOUS_TENANT
 from tests.fixtures.api import (
-    FakeCelery,
     assert_error,
     png_bytes,
 )
@@ -37,13 +36,13 @@ BAD_AUTH = [
 
 
 @pytest.mark.parametrize("case,header", BAD_AUTH, ids=[c[0] for c in BAD_AUTH])
-def test_every_v1_endpoint_needs_a_valid_key(client, tenants, celery, case, header):
+def test_every_v1_endpoint_needs_a_valid_key(client, tenants, queue, case, header):
     key = tenants["acme"].key
     headers = {} if header is None else {"Authorization": header.format(key=key, key_prefix=key[:-1])}
     for method, path in V1_ENDPOINTS:
         resp = getattr(client, method)(path, headers=headers, json={"input": "s3://inputs-bucket/a.jpg"})
         assert_error(resp, 401, "unauthorized")
-    assert celery.sent == []
+    assert queue.sent == []
 
 
 def test_bearer_scheme_is_case_insensitive(client, tenants):
@@ -69,7 +68,7 @@ def acme_job_fixture(client, tenants):
     return resp.get_json()
 
 
-def test_other_tenants_see_nothing(client, tenants, acme_job, celery):
+def test_other_tenants_see_nothing(client, tenants, acme_job, queue):
     globex = tenants["globex"].headers
     job_id = acme_job["id"]
     assert_error(client.get(f"/v1/jobs/{job_id}", headers=globex), 404, "not_found")
@@ -88,7 +87,7 @@ def test_other_tenants_see_nothing(client, tenants, acme_job, celery):
 def test_other_tenants_files_are_404(redis_url, tenants, tmp_path):
     # Local storage: the case /v1/files serves.
     settings = create_settings(redis_url, tenants, f"file://{tmp_path}/data")
-    client = create_app(settings, celery=FakeCelery()).test_client()
+    client = create_app(settings).test_client()
     job = client.post(
         "/v1/jobs", data={"image": (io.BytesIO(png_bytes()), "f.png")}, headers=tenants["acme"].headers
     ).get_json()
@@ -105,7 +104,7 @@ def create_settings(redis_url, tenants, storage_url, api_keys=None):
 def test_auth_off_warns_once_and_serves_anonymous(redis_url, tenants, s3_bucket):
     settings = create_settings(redis_url, tenants, f"s3://{s3_bucket}", api_keys="")
     with capture_logs() as logs:
-        app = create_app(settings, celery=FakeCelery())
+        app = create_app(settings)
         client = app.test_client()
         job = client.post("/v1/jobs", json={"input": "s3://inputs-bucket/a.jpg"}).get_json()
         client.get("/v1/jobs")

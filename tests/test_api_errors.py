@@ -95,10 +95,10 @@ CREATE_CASES = [
 @pytest.mark.parametrize(
     "kwargs,status,code", [c[1:] for c in CREATE_CASES], ids=[c[0] for c in CREATE_CASES]
 )
-def test_create_job_refusals(client, tenants, celery, kwargs, status, code):
+def test_create_job_refusals(client, tenants, queue, kwargs, status, code):
     resp = client.post("/v1/jobs", headers=tenants["acme"].headers, **kwargs)
     assert_error(resp, status, code)
-    assert celery.sent == []  # nothing refused is ever enqueued
+    assert queue.sent == []  # nothing refused is ever enqueued
 
 
 def test_too_large_image_in_pixels(client, tenants, settings):

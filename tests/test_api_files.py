@@ -10,7 +10,6 @@ from api import create_app
 from faceparse.settings import Settings
 from storage.jobs import JobStatus
 from tests.fixtures.api import (
-    FakeCelery,
     assert_error,
     png_bytes,
 )
@@ -26,7 +25,7 @@ def local_fixture(redis_url, tenants, tmp_path):
         api_keys=",".join(f"{t.name}:{t.key}" for t in tenants.values()),
         public_url="https://faces.example.com/",
     )
-    app = create_app(settings, celery=FakeCelery())
+    app = create_app(settings)
     return app.test_client()
 
 

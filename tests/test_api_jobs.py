@@ -7,16 +7,15 @@ import io
 import socket
 import time
 import urllib.request
+from typing import Any
 
 import boto3
 import pytest
-from kombu.exceptions import OperationalError
+import redis
 
 from api import create_app
 from storage.jobs import JobStatus
-from storage.queue import make_celery
 from tests.fixtures.api import (
-    FakeCelery,
     assert_error,
     data_url,
     png_bytes,
@@ -30,7 +29,7 @@ def create(client, tenant, **body):
     return client.post("/v1/jobs", json=body, headers=tenant.headers)
 
 
-def test_create_json_queues_the_job_by_id(client, tenants, celery, s3_bucket):
+def test_create_json_queues_the_job_by_id(client, tenants, queue, s3_bucket):
     acme = tenants["acme"]
     resp = create(
         client,
@@ -47,7 +46,7 @@ def test_create_json_queues_the_job_by_id(client, tenants, celery, s3_bucket):
     assert job["outputs"] == {} and job["error"] is None and job["attempts"] == 0
     # Internal fields never reach the client.
     assert not {"tenant", "requested_outputs", "output_prefix"} & set(job)
-    assert celery.job_ids() == [job["id"]]
+    assert queue.job_ids() == [job["id"]]
 
     stored = client.application.extensions["faceparse"].job_store.get(job["id"])
     assert stored.tenant == acme.name and stored.requested_outputs == ["mask", "masks"]
@@ -61,7 +60,7 @@ def test_create_defaults(client, tenants):
     assert stored.webhook is None and stored.output_prefix is None
 
 
-def test_create_multipart_stores_the_upload(client, tenants, celery, s3_bucket):
+def test_create_multipart_stores_the_upload(client, tenants, queue, s3_bucket):
     image = png_bytes((10, 7))
     resp = client.post(
         "/v1/jobs",
@@ -82,7 +81,7 @@ def test_create_multipart_stores_the_upload(client, tenants, celery, s3_bucket):
     assert job["webhook"]["events_filter"] == ["start", "completed"]
     stored = client.application.extensions["faceparse"].job_store.get(job["id"])
     assert stored.requested_outputs == ["mask", "masks"]
-    assert celery.job_ids() == [job["id"]]
+    assert queue.job_ids() == [job["id"]]
 
 
 def test_create_multipart_with_input_url(client, tenants):
@@ -104,7 +103,7 @@ def test_create_data_url_is_written_to_storage(client, tenants, s3_bucket):
     assert obj["Body"].read() == image
 
 
-def test_idempotency_key_returns_the_same_job(client, tenants, celery, s3_bucket):
+def test_idempotency_key_returns_the_same_job(client, tenants, queue, s3_bucket):
     acme, globex = tenants["acme"], tenants["globex"]
     headers = {**acme.headers, "Idempotency-Key": "order-42"}
     first = client.post("/v1/jobs", json={"input": "s3://inputs-bucket/x.jpg"}, headers=headers)
@@ -112,7 +111,7 @@ def test_idempotency_key_returns_the_same_job(client, tenants, celery, s3_bucket
     assert first.status_code == 202 and again.status_code == 200
     assert again.get_json()["id"] == first.get_json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert celery.job_ids() == [first.get_json()["id"]]  # enqueued once
+    assert queue.job_ids() == [first.get_json()["id"]]  # enqueued once
     # The same key from another tenant is another job.
     other = client.post(
         "/v1/jobs",
@@ -200,14 +199,32 @@ def test_output_urls_are_presigned_and_download(client, tenants, s3_bucket):
             assert r.read() == b"skin-bytes"
 
 
-def test_enqueue_failure_answers_503_and_fails_the_job(client, tenants, celery):
+def fail_queue_writes(monkeypatch: pytest.MonkeyPatch, after: int = 0) -> None:
+    """Redis drops the connection at the EXEC of every transaction that pushes a queue message,
+    from the (after+1)-th on: the moment between a job's record and its message, if they were two."""
+    execute, seen = redis.client.Pipeline.execute, {"n": 0}
+
+    def failing(self: redis.client.Pipeline, *args: Any, **kwargs: Any) -> Any:
+        if any(command[0][0] == "LPUSH" for command in self.command_stack):
+            seen["n"] += 1
+            if seen["n"] > after:
+                self.reset()
+                raise redis.ConnectionError("Connection reset by peer (injected)")
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", failing)
+
+
+def test_a_failed_write_leaves_neither_the_job_nor_its_message(client, tenants, queue, monkeypatch):
+    """The job's record and its queue message are one Redis transaction: both or neither."""
     acme = tenants["acme"]
-    celery.fail_with = OperationalError("Error 111 connecting to broker")
-    resp = create(client, acme)
-    assert_error(resp, 503, "unavailable")
-    jobs = client.get("/v1/jobs", headers=acme.headers).get_json()["jobs"]
-    assert len(jobs) == 1
-    assert jobs[0]["status"] == "failed" and jobs[0]["error"]["code"] == "unavailable"
+    fail_queue_writes(monkeypatch)
+    assert_error(create(client, acme), 503)
+    assert client.get("/v1/jobs", headers=acme.headers).get_json()["jobs"] == []
+    assert queue.job_ids() == []
+    monkeypatch.undo()
+    job = create(client, acme).get_json()  # Redis back: the next submission is queued as usual
+    assert queue.job_ids() == [job["id"]]
 
 
 def closed_port() -> int:
@@ -216,21 +233,10 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_broker_down_fails_the_job(settings, tenants):
-    """A real Celery producer whose broker does not answer: 503, and the job is not left queued."""
-    broker = make_celery(f"redis://127.0.0.1:{closed_port()}/0")
-    broker.conf.broker_connection_timeout = 1
-    app = create_app(settings, celery=broker)
-    resp = create(app.test_client(), tenants["acme"])
-    assert_error(resp, 503, "unavailable")
-    jobs, _ = app.extensions["faceparse"].job_store.list(tenants["acme"].name)
-    assert [job.status for job in jobs] == [JobStatus.FAILED]
-
-
 @pytest.mark.parametrize("method,path", [("post", "/v1/jobs"), ("get", "/v1/jobs/abc"), ("get", "/v1/jobs")])
 def test_redis_down_is_503(settings, tenants, method, path):
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    client = create_app(down, celery=FakeCelery()).test_client()
+    client = create_app(down).test_client()
     kwargs = {"json": {"input": "s3://inputs-bucket/a.jpg"}} if method == "post" else {}
     resp = getattr(client, method)(path, headers=tenants["acme"].headers, **kwargs)
     body = assert_error(resp, 503)

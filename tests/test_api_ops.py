@@ -12,7 +12,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from api import create_app
 from storage.queue import PARSE_QUEUE, PARSE_TASK, WEBHOOK_QUEUE, make_celery
 from tests.fixtures.api import (
-    FakeCelery,
     assert_error,
 )
 
@@ -31,7 +30,7 @@ def test_healthz(client):
 def test_healthz_does_no_io(settings):
     """Alive even when every dependency is gone."""
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    assert create_app(down, celery=FakeCelery()).test_client().get("/healthz").status_code == 200
+    assert create_app(down).test_client().get("/healthz").status_code == 200
 
 
 def test_readyz_ok(client):
@@ -42,7 +41,7 @@ def test_readyz_ok(client):
 
 def test_readyz_redis_down(settings):
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    resp = create_app(down, celery=FakeCelery()).test_client().get("/readyz")
+    resp = create_app(down).test_client().get("/readyz")
     body = assert_error(resp, 503, "unavailable")
     assert "redis" in body["error"]["message"]
     assert body["checks"]["storage"] == "ok" and body["checks"]["redis"].startswith("unreachable")
@@ -50,7 +49,7 @@ def test_readyz_redis_down(settings):
 
 def test_readyz_storage_down(settings, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
-    resp = create_app(settings, celery=FakeCelery()).test_client().get("/readyz")
+    resp = create_app(settings).test_client().get("/readyz")
     body = assert_error(resp, 503, "unavailable")
     assert body["checks"]["redis"] == "ok" and body["checks"]["storage"].startswith("unreachable")
     assert "storage" in body["error"]["message"]
@@ -72,7 +71,8 @@ def test_metrics(client, tenants, settings, redis_url):
     client.post(f"/v1/jobs/{job_id}/cancel", headers=acme.headers)
     client.post("/v1/jobs", json={"input": "s3://inputs-bucket/b.jpg"}, headers=acme.headers)
     client.get("/v1/jobs/nope", headers=acme.headers)
-    # Real messages in the real broker, as kombu stores them: the depth gauge must see them.
+    # Real messages in the real broker, as kombu stores them: the depth gauge must see them, with
+    # the two the API queued above (a canceled job's message waits until a worker drops it).
     producer = make_celery(redis_url)
     for _ in range(3):
         producer.send_task(PARSE_TASK, args=["x"], queue=PARSE_QUEUE)
@@ -85,9 +85,9 @@ def test_metrics(client, tenants, settings, redis_url):
     assert samples[("faceparse_jobs", (("status", "queued"),))] == 1
     assert samples[("faceparse_jobs", (("status", "canceled"),))] == 1
     assert samples[("faceparse_jobs", (("status", "succeeded"),))] == 0
-    assert samples[("faceparse_queue_depth", (("queue", PARSE_QUEUE),))] == 3
+    assert samples[("faceparse_queue_depth", (("queue", PARSE_QUEUE),))] == 2 + 3
     assert samples[("faceparse_queue_depth", (("queue", WEBHOOK_QUEUE),))] == 1
-    assert redis.Redis.from_url(redis_url).llen(PARSE_QUEUE) == 3  # what the gauge claims to read
+    assert redis.Redis.from_url(redis_url).llen(PARSE_QUEUE) == 2 + 3  # what the gauge claims to read
     created = (
         "faceparse_http_requests_total",
         (("endpoint", "/v1/jobs"), ("method", "POST"), ("status", "202")),
@@ -104,7 +104,7 @@ def test_metrics(client, tenants, settings, redis_url):
 
 def test_metrics_answer_while_redis_is_down(settings):
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{closed_port()}/0"})
-    resp = create_app(down, celery=FakeCelery()).test_client().get("/metrics")
+    resp = create_app(down).test_client().get("/metrics")
     assert resp.status_code == 200
     assert metric_samples(resp.get_data(as_text=True))[("faceparse_redis_up", ())] == 0
 

@@ -21,7 +21,6 @@ from PIL import Image
 
 from tests.fixtures.api import (  # noqa: F401 - fixtures
     app_fixture,
-    celery_fixture,
     client_fixture,
     settings_fixture,
     tenants_fixture,
@@ -52,10 +51,10 @@ def test_page_is_served_with_its_assets(client) -> None:
         assert len(resp.get_data()) > 500
 
 
-def test_page_hides_the_key_field_when_auth_is_off(settings, celery) -> None:
+def test_page_hides_the_key_field_when_auth_is_off(settings) -> None:
     from api import create_app
 
-    app = create_app(settings.model_copy(update={"api_keys": ""}), celery=celery)
+    app = create_app(settings.model_copy(update={"api_keys": ""}))
     html = app.test_client().get("/").get_data(as_text=True)
     assert 'data-auth="off"' in html and "__FACEPARSE_AUTH__" not in html
 

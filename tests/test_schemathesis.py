@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api import create_app
 from faceparse.settings import Settings
-from tests.fixtures.api import FakeCelery, png_bytes
+from tests.fixtures.api import png_bytes
 
 KEY = f"key-fuzz-{uuid.uuid4().hex}"
 EXAMPLES = 20  # per operation and generation mode
@@ -63,7 +63,7 @@ OPERATIONS = [
 def app(redis_url: str, s3_bucket: str) -> Flask:
     settings_ = Settings(redis_url=redis_url, storage_url=f"s3://{s3_bucket}/store", api_keys=f"fuzz:{KEY}",
                          max_upload_bytes=64 * 1024)
-    return create_app(settings_, celery=FakeCelery())
+    return create_app(settings_)
 
 
 @dataclass

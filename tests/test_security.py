@@ -29,7 +29,7 @@ from storage.errors import RateLimited, Unauthorized
 from storage.jobs import Job, new_id
 from storage.jobstore import JobStore
 from storage.queue import PARSE_QUEUE, PARSE_TASK, make_celery
-from tests.fixtures.api import FakeCelery, assert_error, png_bytes
+from tests.fixtures.api import assert_error, png_bytes
 from tests.fixtures.faults import IsolatedStack
 from tests.fixtures.stack import ManagedProcess, Stack, start_api, wait_until
 
@@ -137,7 +137,7 @@ def two_tenants(redis_url: str, tmp_path) -> TwoTenants:
     keys_ = {"acme": f"k-acme-{uuid.uuid4().hex}", "globex": f"k-globex-{uuid.uuid4().hex}"}
     settings = Settings(redis_url=redis_url, storage_url=f"file://{tmp_path}/data",
                         api_keys=",".join(f"{t}:{k}" for t, k in keys_.items()))
-    app = create_app(settings, celery=FakeCelery())
+    app = create_app(settings)
     client = app.test_client()
     headers = {t: {"Authorization": f"Bearer {k}"} for t, k in keys_.items()}
     job = client.post("/v1/jobs", data={"image": (io.BytesIO(png_bytes()), "face.png")},
@@ -204,7 +204,7 @@ def limited_app(redis_url: str, s3_bucket: str):
     keys_ = {"acme": f"k-acme-{uuid.uuid4().hex}", "globex": f"k-globex-{uuid.uuid4().hex}"}
     settings = Settings(redis_url=redis_url, storage_url=f"s3://{s3_bucket}",
                         api_keys=",".join(f"{t}:{k}" for t, k in keys_.items()), rate_limit_per_minute=3)
-    app = create_app(settings, celery=FakeCelery())
+    app = create_app(settings)
     return app, {t: {"Authorization": f"Bearer {k}"} for t, k in keys_.items()}
 
 
@@ -266,7 +266,7 @@ def test_rate_limit_is_atomic_under_concurrency(redis_url: str) -> None:
 
 def test_rate_limit_zero_disables_it(redis_url: str, s3_bucket: str) -> None:
     settings = Settings(redis_url=redis_url, storage_url=f"s3://{s3_bucket}", rate_limit_per_minute=0)
-    client = create_app(settings, celery=FakeCelery()).test_client()
+    client = create_app(settings).test_client()
     body = {"input": "s3://inputs-bucket/a.png"}
     assert {client.post("/v1/jobs", json=body).status_code for _ in range(12)} == {202}
 
@@ -274,7 +274,7 @@ def test_rate_limit_zero_disables_it(redis_url: str, s3_bucket: str) -> None:
 def test_rate_limit_is_shared_by_every_api_process(limited_app) -> None:
     """Two apps (two API processes' worth of state) on one Redis spend one budget."""
     app, headers = limited_app
-    other = create_app(app.extensions["faceparse"].settings, celery=FakeCelery())
+    other = create_app(app.extensions["faceparse"].settings)
     clients = [app.test_client(), other.test_client()]
     body = {"input": "s3://inputs-bucket/a.png"}
     answers = [clients[i % 2].post("/v1/jobs", json=body, headers=headers["acme"]) for i in range(6)]
