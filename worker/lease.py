@@ -253,12 +253,8 @@ class Reaper:
             if job is None or job.status != JobStatus.QUEUED:
                 continue  # expired, or moved on since the read above
             log.warning("job %s: queued with no message anywhere; re-enqueued", job_id)
-            try:
-                self.requeue(job_id)
-            except (OperationalError, RedisError, OSError) as exc:
-                log.warning("job %s: could not re-enqueue it yet: %s", job_id, exc)
-                continue
-            result.requeued.append(job_id)
+            if self._send_again(job_id):
+                result.requeued.append(job_id)
 
     def _resend_stranded(self, jobs: JobStore, result: ReapResult) -> None:
         """Queued jobs whose message sits unacked with no lease anywhere: taken by a worker that
@@ -273,11 +269,8 @@ class Reaper:
             job = jobs.get(job_id)
             if job is not None and job.status == JobStatus.QUEUED:
                 log.warning("job %s: its message was stranded unacked; re-enqueued", job_id)
-                try:
-                    self.requeue(job_id)
-                except (OperationalError, RedisError, OSError) as exc:
-                    log.warning("job %s: could not re-enqueue it yet: %s", job_id, exc)
-                    continue
+                if not self._send_again(job_id):
+                    continue  # the copy stays until a send succeeds
                 result.requeued.append(job_id)
             if job is None or job.status != JobStatus.PROCESSING:
                 # Sent again, finished, or expired: the copy is dead weight. A processing job's
@@ -285,13 +278,18 @@ class Reaper:
                 drop_unacked(jobs.redis, tag)
 
     def _resend(self, jobs: JobStore, job_id: str) -> None:
+        # On a failed send the job stays indexed as taken without a lease: the next pass sends it again.
+        if self._send_again(job_id):
+            jobs.forget_taken(job_id)
+
+    def _send_again(self, job_id: str) -> bool:
+        """Send the job's parse message again; False (logged) when the broker cannot take it now."""
         try:
             self.requeue(job_id)
         except (OperationalError, RedisError, OSError) as exc:
-            # Still indexed as taken without a lease: the next pass sends it again.
             log.warning("job %s: could not re-enqueue it yet: %s", job_id, exc)
-            return
-        jobs.forget_taken(job_id)
+            return False
+        return True
 
     def start(self) -> None:
         """Run `tick` every interval in a daemon thread of this process."""
