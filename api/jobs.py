@@ -261,6 +261,7 @@ def queue_message(svc: Services, job: Job) -> Callable[[Any], None]:
     return task_message(svc.celery, PARSE_TASK, [job.id], PARSE_QUEUE).write
 
 
+# --- showing --------------------------------------------------------------------------------
 def output_link(svc: Services, key: str) -> str | None:
     """Where a client downloads an output: presigned for S3, the API's /v1/files/… for local files."""
     if key.startswith(S3_SCHEME):

@@ -73,9 +73,10 @@ def make_celery(
 
 
 # --- publishing inside another Redis transaction -----------------------------------------------
-# Celery's events exchange and kombu's name for a fanout message's Redis channel.
+# Celery's events exchange, and the task-sent event's type and routing key.
 EVENT_EXCHANGE = "celeryev"
 SENT_EVENT = "task-sent"
+SENT_EVENT_ROUTING_KEY = "task.sent"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class TaskMessage:
         if self.event is not None:
             # kombu's fanout channel: "/{db}.{exchange}/{routing key}" (fanout prefix and patterns on).
             db = pipe.connection_pool.connection_kwargs.get("db", 0)
-            pipe.publish(f"/{db}.{EVENT_EXCHANGE}/{SENT_EVENT.replace('-', '.')}", self.event)
+            pipe.publish(f"/{db}.{EVENT_EXCHANGE}/{SENT_EVENT_ROUTING_KEY}", self.event)
 
 
 def task_message(app: Celery, name: str, args: list[Any], queue: str) -> TaskMessage:
@@ -118,7 +119,7 @@ def task_message(app: Celery, name: str, args: list[Any], queue: str) -> TaskMes
         body = Event(SENT_EVENT, hostname=hostname, utcoffset=utcoffset(), pid=os.getpid(),
                      clock=app.clock.forward(), **fields)
         event = _envelope(body, {"hostname": hostname}, {"delivery_mode": 1}, exchange=EVENT_EXCHANGE,
-                          routing_key=SENT_EVENT.replace("-", "."), serializer="json")
+                          routing_key=SENT_EVENT_ROUTING_KEY, serializer="json")
     return TaskMessage(queue=queue, payload=payload, event=event)
 
 
